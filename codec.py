@@ -1,0 +1,319 @@
+"""Neural-codec interface shared by the real and the toy setting.
+
+A codec turns a waveform into Q parallel token streams ("layers") at a fixed frame rate and back:
+
+    codes = codec.encode(wav, sr)      # LongTensor [Q, T]; wav is [N] or [C, N] (channels are averaged)
+    wav, sr = codec.decode(codes)      # any prefix of layers, codes[:q], decodes
+
+Attributes: `name` (written into every tokenised file so that codes from two codecs are never mixed),
+`n_q` (layers), `card` (codebook size of each layer, a tuple of n_q ints), `frame_rate` (frames per
+second), `sample_rate` (of `decode`'s output).
+
+Two codecs:
+- `EncodecCodec`: pretrained EnCodec 24 kHz at 6 kbps, 8 x 1024 codes at 75 Hz (the real setting, as
+  in VALL-E). Its weights come from a hub; offline, place the file as the error message says.
+- `MelRVQCodec`: the toy codec for offline CPU work. 80-bin log-mel at 50 frames/s, quantised by
+  residual k-means, decoded by inverse mel + Griffin-Lim. See its docstring for the layout.
+"""
+import math
+import os
+
+import torch
+import torchaudio
+
+ENCODEC_FILE = "encodec_24khz-d7cc33bc.th"
+
+
+def as_mono(wav, sr, target_sr):
+    """Check and convert audio to a 1-D float32 tensor at target_sr. Accepts [N] or [C, N] (C channels)."""
+    wav = torch.as_tensor(wav)
+    if not torch.is_floating_point(wav):
+        raise ValueError(f"audio must be floating point in [-1, 1], got dtype {wav.dtype}")
+    if wav.dim() not in (1, 2):
+        raise ValueError(f"audio must be 1-D [samples] or 2-D [channels, samples], got shape {tuple(wav.shape)}")
+    if wav.numel() == 0:
+        raise ValueError("audio is empty")
+    if not torch.isfinite(wav).all():
+        raise ValueError("audio contains NaN or infinite samples")
+    if not isinstance(sr, int) or sr <= 0:
+        raise ValueError(f"sample rate must be a positive int, got {sr!r}")
+    wav = wav.float()
+    if wav.dim() == 2:
+        wav = wav.mean(0)  # down-mix
+    if sr != target_sr:
+        wav = torchaudio.functional.resample(wav, sr, target_sr)
+    return wav
+
+
+class EncodecCodec:
+    """Pretrained EnCodec 24 kHz at 6 kbps: 8 codebooks x 1024 entries at 75 frames/s.
+
+    `model` lets tests pass an EnCodec built without pretrained weights; by default the pretrained one is
+    loaded (from $TORCH_HOME/hub/checkpoints/, downloaded there if the hub can be reached).
+    """
+
+    def __init__(self, bandwidth=6.0, device="cpu", model=None):
+        from encodec import EncodecModel
+
+        if model is None:
+            hub_dir = os.path.join(torch.hub.get_dir(), "checkpoints")
+            try:
+                model = EncodecModel.encodec_model_24khz(pretrained=True)
+            except Exception as e:  # URLError, HTTPError, a truncated download...
+                raise RuntimeError(
+                    f"could not load the pretrained EnCodec 24 kHz weights ({type(e).__name__}: {e}). "
+                    f"To work offline, place {ENCODEC_FILE} in {hub_dir}/ "
+                    f"(or set TORCH_HOME so that $TORCH_HOME/hub/checkpoints/{ENCODEC_FILE} exists)."
+                ) from e
+        model.set_target_bandwidth(bandwidth)
+        self.model = model.to(device).eval()
+        self.device = device
+        self.sample_rate = model.sample_rate
+        self.frame_rate = math.ceil(model.sample_rate / math.prod(model.encoder.ratios))
+        self.n_q = model.quantizer.get_num_quantizers_for_bandwidth(model.frame_rate, bandwidth)
+        self.card = (model.quantizer.bins,) * self.n_q
+        self.name = f"encodec_24khz_{bandwidth:g}kbps"
+
+    def params(self):
+        return {"bandwidth": self.model.bandwidth}
+
+    @torch.no_grad()  # not inference_mode: inference tensors refuse in-place edits and autograd
+    def encode(self, wav, sr):
+        wav = as_mono(wav, sr, self.sample_rate)
+        frames = self.model.encode(wav.view(1, 1, -1).to(self.device))
+        return torch.cat([codes for codes, _ in frames], dim=-1)[0].long().cpu()  # [Q, T]
+
+    @torch.no_grad()
+    def encode_batch(self, wavs, sr):
+        """Encode equal-length waveforms [B, N] at once -> [B, Q, T]."""
+        wavs = [as_mono(w, sr, self.sample_rate) for w in wavs]
+        if len({len(w) for w in wavs}) != 1:
+            raise ValueError(f"encode_batch needs equal-length waveforms, got lengths {sorted({len(w) for w in wavs})}")
+        wavs = torch.stack(wavs)
+        frames = self.model.encode(wavs.unsqueeze(1).to(self.device))
+        return torch.cat([codes for codes, _ in frames], dim=-1).long().cpu()
+
+    @torch.no_grad()
+    def decode(self, codes):
+        codes = _check_codes(codes, self.card)
+        wav = self.model.decode([(codes.unsqueeze(0).to(self.device), None)])
+        return wav[0, 0].cpu(), self.sample_rate
+
+
+def _check_codes(codes, card):
+    codes = torch.as_tensor(codes)
+    if torch.is_floating_point(codes) or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
+    if codes.dim() != 2 or not 1 <= codes.shape[0] <= len(card) or codes.shape[1] == 0:
+        raise ValueError(f"codes must be [q, T] with 1 <= q <= {len(card)} and T > 0, got {tuple(codes.shape)}")
+    codes = codes.long()
+    for q in range(codes.shape[0]):
+        if codes[q].min() < 0 or codes[q].max() >= card[q]:
+            raise ValueError(f"layer {q + 1} codes must lie in [0, {card[q]}), got [{codes[q].min()}, {codes[q].max()}]")
+    return codes
+
+
+def kmeans(x, k, iters=20, seed=0, chunk=65536):
+    """Lloyd's k-means on rows of x [N, D] -> centroids [k, D]; deterministic for a seed.
+
+    Initialised from k distinct random rows; a cluster that empties is re-seeded with the row that is
+    currently worst represented, so every code stays in use.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    if x.shape[0] < k:
+        raise ValueError(f"k-means needs at least k={k} frames, got {x.shape[0]}")
+    cent = x[torch.randperm(x.shape[0], generator=gen)[:k]].clone()
+    for _ in range(iters):
+        assign, err = _nearest(x, cent, chunk)
+        sums = torch.zeros_like(cent).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k)
+        empty = (counts == 0).nonzero().flatten()
+        cent = sums / counts.clamp(min=1).unsqueeze(1)
+        if len(empty):
+            cent[empty] = x[err.topk(len(empty)).indices]
+    return cent
+
+
+def _nearest(x, cent, chunk=65536):
+    """Index of the nearest centroid for each row of x, and the squared distance to it."""
+    c2 = (cent * cent).sum(1)
+    idx, err = [], []
+    for i in range(0, x.shape[0], chunk):
+        xb = x[i:i + chunk]
+        d = (xb * xb).sum(1, keepdim=True) - 2 * xb @ cent.T + c2
+        m = d.min(1)
+        idx.append(m.indices)
+        err.append(m.values.clamp(min=0))
+    return torch.cat(idx), torch.cat(err)
+
+
+class MelRVQCodec:
+    """The toy codec: 16 kHz log-mel (80 bins, n_fft 1024, hop 320 -> 50 frames/s), residual k-means.
+
+    Encoding: frames x_t (log-mel, natural log) are quantised layer by layer. Layer 1 clusters
+    x_t - mu_utt, the frame minus its utterance's mean log-mel (cepstral mean normalisation), so layer 1
+    holds *what is said* largely independent of the voice, as SpeechTokenizer's first layer does (the
+    codec the paper used). Layers 2..Q cluster what the layers below leave of x_t - m (m: the corpus
+    mean), which includes the speaker's spectral colour mu_utt - m: a part the NAR can learn from the
+    acoustic prompt. With `cmn=False` layer 1 clusters x_t - m as plain residual k-means does.
+    Decoding: m + sum of the centroids of the given layers, inverse mel, Griffin-Lim. Every prefix of
+    layers decodes. data/README.md has the measurements behind the default layout.
+    """
+
+    sample_rate = 16000
+    frame_rate = 50
+    n_fft, hop, n_mels = 1024, 320, 80
+
+    def __init__(self, centroids, mean, cmn=True, griffin_lim_iters=32):
+        self.centroids = [c.float() for c in centroids]  # per layer [card_q, n_mels]
+        self.mean = mean.float()  # [n_mels]
+        self.cmn = bool(cmn)
+        self.griffin_lim_iters = griffin_lim_iters
+        self.n_q = len(self.centroids)
+        self.card = tuple(c.shape[0] for c in self.centroids)
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            self.sample_rate, n_fft=self.n_fft, hop_length=self.hop, n_mels=self.n_mels, power=1.0)
+        self._inv = None  # decoder transforms, built on first decode
+        digest = torch.cat([c.flatten() for c in self.centroids] + [self.mean]).numpy().tobytes()
+        import hashlib
+        tag = hashlib.sha1(digest).hexdigest()[:8]
+        self.name = f"melrvq16k-{'x'.join(map(str, self.card))}{'-cmn' if self.cmn else ''}-{tag}"
+
+    def params(self):
+        return {"n_fft": self.n_fft, "hop": self.hop, "n_mels": self.n_mels, "cmn": self.cmn,
+                "card": list(self.card), "sample_rate": self.sample_rate, "frame_rate": self.frame_rate}
+
+    # --- features ------------------------------------------------------------------------------------
+    def log_mel(self, wav, sr):
+        """[n_mels, T] natural-log mel magnitudes of (mono, resampled) audio; floor 1e-5."""
+        wav = as_mono(wav, sr, self.sample_rate)
+        return self.mel(wav).clamp(min=1e-5).log()
+
+    # --- fit -----------------------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, wavs, card=(1024, 256, 256, 256, 256, 256, 256, 256), cmn=True, seed=0, iters=20,
+            max_frames=400_000, progress=False):
+        """Fit the codebooks on an iterable of (wav, sr); deterministic for a seed and input order."""
+        probe = cls([torch.zeros(1, cls.n_mels)], torch.zeros(cls.n_mels), cmn=cmn)
+        feats = [probe.log_mel(w, sr).T for w, sr in wavs]  # each [T, n_mels]
+        if not feats:
+            raise ValueError("MelRVQCodec.fit got no audio")
+        x = torch.cat(feats)
+        mean = x.mean(0)
+        y = torch.cat([f - f.mean(0) for f in feats]) if cmn else x - mean
+        gen = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(x.shape[0], generator=gen)[:max_frames]
+        x, y = x[keep], y[keep]
+        centroids = []
+        layers = range(len(card))
+        if progress:
+            from tqdm import tqdm
+            layers = tqdm(layers, desc="fit layers")
+        for q in layers:
+            cent = kmeans(y, card[q], iters=iters, seed=seed + q)
+            centroids.append(cent)
+            if q == 0:  # layers 2..Q code what layer 1 leaves of the frame itself, voice included
+                y = (x - mean) - cent[_nearest(y, cent)[0]]
+            else:
+                y = y - cent[_nearest(y, cent)[0]]
+        return cls(centroids, mean, cmn=cmn)
+
+    # --- encode / decode -----------------------------------------------------------------------------
+    def encode(self, wav, sr):
+        """Audio [N] or [C, N] at rate sr -> codes LongTensor [Q, T], T = 1 + N_16k // 320."""
+        x = self.log_mel(wav, sr).T  # [T, n_mels]
+        y = x - (x.mean(0) if self.cmn else self.mean)
+        codes = []
+        for q, cent in enumerate(self.centroids):
+            idx = _nearest(y, cent)[0]
+            codes.append(idx)
+            y = ((x - self.mean) if q == 0 else y) - cent[idx]
+        return torch.stack(codes)
+
+    def decode_log_mel(self, codes):
+        """Codes [q, T] (any prefix of layers) -> log-mel [n_mels, T]."""
+        codes = _check_codes(codes, self.card)
+        y = self.mean.unsqueeze(0).expand(codes.shape[1], -1)
+        for q in range(codes.shape[0]):
+            y = y + self.centroids[q][codes[q]]
+        return y.T
+
+    def decode(self, codes):
+        """Codes [q, T] -> (waveform [ (T-1)*320 ] float32 at 16 kHz, 16000)."""
+        if self._inv is None:
+            self._inv = (
+                torchaudio.transforms.InverseMelScale(self.n_fft // 2 + 1, self.n_mels, self.sample_rate),
+                torchaudio.transforms.GriffinLim(self.n_fft, n_iter=self.griffin_lim_iters,
+                                                 hop_length=self.hop, power=1.0, rand_init=False),
+            )
+        inv_mel, griffin_lim = self._inv
+        spec = inv_mel(self.decode_log_mel(codes).exp())
+        wav = griffin_lim(spec)
+        peak = wav.abs().max()
+        return (wav / peak * 0.95 if peak > 1 else wav), self.sample_rate
+
+    # --- save / load ---------------------------------------------------------------------------------
+    def save(self, path):
+        """Atomic save (temp file, then rename) of everything `load` needs; plain tensors and lists."""
+        state = {"name": self.name, "cmn": self.cmn, "mean": self.mean, "centroids": self.centroids,
+                 "params": self.params()}
+        tmp = f"{path}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no toy codec at {path} (fit one with data/fit_toy_codec.py)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        codec = cls(state["centroids"], state["mean"], cmn=state["cmn"])
+        if codec.name != state["name"]:
+            raise ValueError(f"{path}: codebooks do not match the stored name {state['name']} (corrupt file?)")
+        return codec
+
+
+def log_mel_distance(a, b):
+    """Mean absolute difference of two log-mels [n_mels, T] over their common frames (nats)."""
+    t = min(a.shape[1], b.shape[1])
+    return (a[:, :t] - b[:, :t]).abs().mean().item()
+
+
+# --- tokenised corpora ----------------------------------------------------------------------------------
+# A tokenised corpus is one file that torch.load(weights_only=True) reads: a dict with
+#   "codec":  {"name", "n_q", "card", "frame_rate", "sample_rate", "params"}
+#   "ids", "texts", "phonemes", "speakers": lists of str, one per utterance
+#   "codes":  int16 [Q, sum of T] (every utterance's codes, concatenated in time)
+#   "lengths": int64 [N] (frames per utterance; utterance i is codes[:, offsets[i]:offsets[i] + lengths[i]])
+#   "source": the manifest it came from, and "skipped": [{"line", "id", "reason"}] for what was left out.
+
+def codec_info(codec):
+    return {"name": codec.name, "n_q": codec.n_q, "card": list(codec.card), "frame_rate": codec.frame_rate,
+            "sample_rate": codec.sample_rate, "params": codec.params()}
+
+
+def save_corpus(path, codec, rows, codes, source, skipped):
+    """Write a tokenised corpus atomically. rows: dicts with id, text, phonemes, speaker; codes: [Q, T_i] each."""
+    corpus = {
+        "codec": codec_info(codec),
+        "ids": [r["id"] for r in rows], "texts": [r["text"] for r in rows],
+        "phonemes": [r.get("phonemes", "") for r in rows], "speakers": [r["speaker"] for r in rows],
+        "codes": torch.cat(codes, dim=1).to(torch.int16) if codes else torch.zeros(codec.n_q, 0, dtype=torch.int16),
+        "lengths": torch.tensor([c.shape[1] for c in codes], dtype=torch.long),
+        "source": source, "skipped": skipped,
+    }
+    tmp = f"{path}.tmp"
+    torch.save(corpus, tmp)
+    os.replace(tmp, path)
+
+
+def load_corpus(path):
+    """Read a tokenised corpus; adds "utts": the list of per-utterance int64 codes [Q, T_i] (views)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no tokenised corpus at {path} (make one with data/tokenize_corpus.py)")
+    corpus = torch.load(path, map_location="cpu", weights_only=True)
+    missing = {"codec", "ids", "texts", "phonemes", "speakers", "codes", "lengths"} - set(corpus)
+    if missing:
+        raise ValueError(f"{path} is not a tokenised corpus: missing {sorted(missing)}")
+    codes = corpus["codes"].long()
+    corpus["utts"] = list(codes.split(corpus["lengths"].tolist(), dim=1))
+    return corpus
