@@ -1,0 +1,103 @@
+"""Data pipeline: manifest checks, tokenisation (skips, file format), and the toy-corpus script."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from codec import MelRVQCodec, load_corpus
+from tests.synth import SR, voice
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZE = os.path.join(ROOT, "data", "tokenize_corpus.py")
+
+
+@pytest.fixture(scope="module")
+def codec_path(tmp_path_factory):
+    codec = MelRVQCodec.fit([(voice(1.0, f0, s), SR) for s, f0 in enumerate([120, 180, 240])],
+                            card=(32, 16), iters=5)
+    path = tmp_path_factory.mktemp("codec") / "codec.pt"
+    codec.save(path)
+    return path
+
+
+def write_manifest(folder, rows):
+    with open(folder / "m.jsonl", "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return folder / "m.jsonl"
+
+
+def tokenize(manifest, out, codec_path, *extra):
+    return subprocess.run([sys.executable, TOKENIZE, str(manifest), str(out), "--codec", str(codec_path), *extra],
+                          capture_output=True, text=True)
+
+
+def test_tokenize_keeps_good_skips_bad_and_lists_why(tmp_path, codec_path):
+    sf.write(tmp_path / "a.wav", voice(1.0, 150, 1).numpy(), SR)
+    sf.write(tmp_path / "b.wav", np.stack([voice(1.2, 200, 2).numpy()] * 2, 1), 22050)  # stereo, other rate
+    sf.write(tmp_path / "long.wav", voice(3.0, 150, 3).numpy(), SR)
+    sf.write(tmp_path / "empty.wav", np.zeros(0, dtype=np.float32), SR)
+    (tmp_path / "junk.wav").write_text("not audio")
+    rows = [{"id": i, "audio": f"{i}.wav", "text": f"say {i}", "speaker": "s1", "phonemes": "s 'eI"}
+            for i in ["a", "b", "long", "empty", "junk", "missing"]]
+    manifest = write_manifest(tmp_path, rows)
+    res = tokenize(manifest, tmp_path / "out.pt", codec_path, "--max_seconds", "2")
+    assert res.returncode == 0, res.stderr
+    corpus = load_corpus(tmp_path / "out.pt")  # torch.load(weights_only=True)
+    assert corpus["ids"] == ["a", "b"] and corpus["texts"] == ["say a", "say b"]
+    assert corpus["phonemes"] == ["s 'eI"] * 2 and corpus["speakers"] == ["s1", "s1"]
+    assert corpus["codes"].dtype == torch.int16
+    codec = MelRVQCodec.load(codec_path)
+    assert corpus["codec"]["name"] == codec.name and corpus["codec"]["card"] == [32, 16]
+    assert torch.equal(corpus["utts"][0], codec.encode(voice(1.0, 150, 1), SR))
+    n_16k = math.ceil(len(voice(1.2, 200, 2)) * SR / 22050)  # written as 22.05 kHz, resampled to 16 kHz
+    assert corpus["utts"][1].shape == (2, 1 + n_16k // 320)
+    skipped = {s["id"]: s for s in corpus["skipped"]}
+    assert set(skipped) == {"long", "empty", "junk", "missing"}
+    assert "too long" in skipped["long"]["reason"] and "empty" in skipped["empty"]["reason"]
+    assert "unreadable" in skipped["junk"]["reason"] and skipped["missing"]["line"] == 6
+    assert "skipped 4" in res.stdout
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "m.jsonl:2: not valid JSON"),
+    (json.dumps({"id": "x", "audio": "a.wav", "text": "  ", "speaker": "s"}), "m.jsonl:2: field 'text'"),
+    (json.dumps({"id": "x", "audio": "a.wav", "text": "hi"}), "m.jsonl:2: field 'speaker'"),
+    (json.dumps({"id": "a", "audio": "a.wav", "text": "hi", "speaker": "s"}), "m.jsonl:2: duplicate id 'a'"),
+])
+def test_bad_manifest_line_names_file_and_line(tmp_path, codec_path, line, message):
+    sf.write(tmp_path / "a.wav", voice(0.5, 150, 1).numpy(), SR)
+    good = {"id": "a", "audio": "a.wav", "text": "hello", "speaker": "s"}
+    manifest = write_manifest(tmp_path, [good, line])
+    res = tokenize(manifest, tmp_path / "out.pt", codec_path)
+    assert res.returncode != 0 and message in res.stderr
+    assert not (tmp_path / "out.pt").exists()  # nothing half-written
+
+
+@pytest.mark.skipif(not (shutil.which("flite") and shutil.which("espeak-ng")),
+                    reason="needs Debian's flite and espeak-ng (apt-get install flite espeak-ng)")
+def test_toy_corpus_script_end_to_end(tmp_path):
+    """A miniature corpus: every voice speaks, splits are disjoint in text, unseen speakers stay out of train."""
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "data", "make_toy_corpus.py"), "--out", str(tmp_path),
+                          "--train_per_speaker", "1", "--test_per_speaker", "1", "--unseen_per_speaker", "1",
+                          "--workers", "1"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    split = {s: [json.loads(l) for l in open(tmp_path / f"{s}.jsonl")] for s in ["train", "test_seen", "test_unseen"]}
+    assert len(split["train"]) == 6 and len(split["test_seen"]) == 6 and len(split["test_unseen"]) == 2
+    train_spk = {r["speaker"] for r in split["train"]}
+    assert {r["speaker"] for r in split["test_seen"]} == train_spk
+    assert not {r["speaker"] for r in split["test_unseen"]} & train_spk
+    texts = {s: {r["text"] for r in rows} for s, rows in split.items()}
+    assert not texts["train"] & (texts["test_seen"] | texts["test_unseen"])
+    for r in sum(split.values(), []):
+        assert 5 <= len(r["text"].split()) <= 12
+        assert r["phonemes"].count("|") == len(r["text"].split()) - 1  # one phoneme group per word
+        info = sf.info(tmp_path / r["audio"])
+        assert info.samplerate == 16000 and info.channels == 1 and 0.5 < info.duration < 8
