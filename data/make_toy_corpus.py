@@ -113,7 +113,7 @@ def phonemise(text):
     """espeak-ng's en-us phonemes of `text` as 'p p p | p p | ...' (ASCII phoneme names, stress marks kept)."""
     out = subprocess.run(["espeak-ng", "-q", "-x", "--sep=_", "-v", "en-us", text],
                          check=True, capture_output=True, text=True).stdout
-    return " | ".join(" ".join(w.split("_")) for w in out.split())
+    return " | ".join(" ".join(p for p in w.split("_") if p) for w in out.split())
 
 
 def synthesise(job):

@@ -99,5 +99,6 @@ def test_toy_corpus_script_end_to_end(tmp_path):
     for r in sum(split.values(), []):
         assert 5 <= len(r["text"].split()) <= 12
         assert r["phonemes"].count("|") == len(r["text"].split()) - 1  # one phoneme group per word
+        assert all(r["phonemes"].split(" "))  # single spaces: no empty phoneme tokens
         info = sf.info(tmp_path / r["audio"])
         assert info.samplerate == 16000 and info.channels == 1 and 0.5 < info.duration < 8
