@@ -1,0 +1,483 @@
+"""Tests of the codec LM (speechalign.py) and its pretraining script (train_codec_lm.py).
+
+Every quantity is checked against something computed another way: F.cross_entropy for sequence_logps, a
+no-cache (and an unpadded, one-example) forward for the KV cache, hand-computed indices for the batch
+layouts, the training targets for the overfitted models, and an uninterrupted run for --resume.
+Tiny models (d_model 32-64, 1-2 layers) and one thread keep the whole file quick on a 2-core CPU.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from speechalign import AR, NAR, LMConfig, TextTokenizer, attention_mask, load_model, lm_loss, sequence_logps
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN, VAL = REPO / "data/toy/test_seen.pt", REPO / "data/toy/test_unseen.pt"
+CARD = (40, 16, 16, 16)  # layer-1 codebook of 40 (+ EOS = 40 for the AR), three 16-code layers for the NAR
+N_TEXT = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cfg(**kw):
+    base = dict(n_text=N_TEXT, card=CARD, d_model=32, n_layer=2, n_head=2, dropout=0.1, max_text=32, max_audio=96)
+    return LMConfig(**(base | kw))
+
+
+def random_example(lt, lp, lg, g, card=CARD):
+    """(text ids [lt] in 1..N_TEXT-1, prompt [Q, lp], target [Q, lg]) with each layer's codes in its card."""
+    text = torch.randint(1, N_TEXT, (lt,), generator=g).tolist()
+    codes = lambda n: torch.stack([torch.randint(0, c, (n,), generator=g) for c in card])
+    return text, codes(lp), codes(lg)
+
+
+def examples(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [random_example(*s, g) for s in sizes]
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 1. sequence_logps
+
+def reference_logps(logits, targets, mask):
+    """float64 log p of the chosen tokens, summed per row, via F.cross_entropy with ignore_index."""
+    t = torch.where(mask, targets, -100)
+    return -F.cross_entropy(logits.double().transpose(1, 2), t, ignore_index=-100, reduction="none").sum(-1)
+
+
+def test_sequence_logps_matches_cross_entropy_and_ignores_masked_values():
+    g = torch.Generator().manual_seed(0)
+    B, T, V = 3, 17, 41
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 3
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.6
+    mask[2] = False  # a row with nothing scored sums to 0
+    ref = reference_logps(logits, targets, mask)
+    got = sequence_logps(logits, targets, mask)
+    assert got.shape == (B,)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    assert got[2] == 0
+    # whatever sits at the unscored positions (out-of-range ids included) is never read
+    for junk in (-100, -1, 10**12, V, V + 7):
+        t = torch.where(mask, targets, junk)
+        assert torch.equal(sequence_logps(logits, t, mask), got)
+
+
+def test_sequence_logps_is_fp32_for_bf16_logits():
+    g = torch.Generator().manual_seed(1)
+    B, T, V = 2, 200, 1025
+    logits = (torch.randn(B, T, V, generator=g) * 4).to(torch.bfloat16)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    got = sequence_logps(logits, targets, mask)
+    assert got.dtype == torch.float32
+    ref = reference_logps(logits.double(), targets, mask)  # the same bf16 values, computed in float64
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-3)
+    # the test has teeth: a log-softmax done in bf16 is far off
+    naive = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum(-1)
+    assert (naive.double() - ref).abs().max() > 0.1
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 2. AR generation: KV cache, left padding
+
+def generation_setup(seed=0):
+    torch.manual_seed(seed)
+    ar = AR(cfg()).eval()
+    with torch.no_grad():  # spread the logits out so that greedy choices are not near-ties
+        ar.head.weight.mul_(20)
+    ex = examples([(3, 5, 1), (7, 2, 1), (5, 0, 1)], seed)  # different text and prompt lengths (one empty prompt)
+    return ar, [t for t, _, _ in ex], [p for _, p, _ in ex]
+
+
+def test_kv_cache_greedy_matches_no_cache_and_unpadded_forward():
+    ar, texts, prompts = generation_setup()
+    kw = dict(temperature=0, max_ratio=1.5, return_logits=True)
+    c1, hit1, log1 = ar.generate(texts, prompts, use_cache=True, **kw)
+    c0, hit0, log0 = ar.generate(texts, prompts, use_cache=False, **kw)
+    assert [c.tolist() for c in c1] == [c.tolist() for c in c0]
+    assert torch.equal(hit1, hit0)
+    assert len(log1) == len(log0) == max(len(c) + (not h) for c, h in zip(c1, hit1.tolist()))
+    for a, b in zip(log1, log0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # limits: ceil(1.5 * text length) frames unless EOS came first
+    for c, h, t in zip(c1, hit1, texts):
+        assert len(c) <= -(-3 * len(t) // 2) and (not h or len(c) == -(-3 * len(t) // 2))
+    # independent check of the left-padded batch: each example alone, right-padded as in training, gives the
+    # same next-token logits at every step (the position that predicts generated frame k is lt + lp - 1 + k)
+    for i, (t, p, c) in enumerate(zip(texts, prompts, c1)):
+        b = ar.batch([(t, p, c.view(1, -1))])
+        with torch.no_grad():
+            logits = ar(**b)[0]
+        start = len(t) + p.shape[1] - 1
+        for k in range(len(c) + (not hit1[i])):  # an EOS step is included
+            torch.testing.assert_close(log1[k][i], logits[start + k], rtol=1e-5, atol=1e-5)
+            assert int(logits[start + k].argmax()) == (int(c[k]) if k < len(c) else ar.eos)
+
+
+def test_kv_cache_sampling_same_seed_same_tokens():
+    ar, texts, prompts = generation_setup(1)
+    with torch.no_grad():
+        ar.head.weight.div_(10)  # a softer distribution, so that sampling really samples
+    out = {}
+    for use_cache in (True, False):
+        gen = torch.Generator().manual_seed(123)
+        out[use_cache] = ar.generate(texts, prompts, temperature=1.0, top_k=20, top_p=0.95, max_ratio=2.0,
+                                     use_cache=use_cache, generator=gen)
+    assert [c.tolist() for c in out[True][0]] == [c.tolist() for c in out[False][0]]
+    assert torch.equal(out[True][1], out[False][1])
+    greedy, _ = ar.generate(texts, prompts, temperature=0, max_ratio=2.0)
+    assert [c.tolist() for c in out[True][0]] != [c.tolist() for c in greedy]  # sampling did sample
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 3. AR causality and padding invariance
+
+def test_ar_is_causal():
+    torch.manual_seed(0)
+    ar = AR(cfg()).eval()
+    ex = examples([(4, 3, 9)])
+    b = ar.batch(ex)
+    with torch.no_grad():
+        base = ar(**b)
+    lt, lp = 4, 3
+    for t in (lt + lp, lt + lp + 4, lt + lp + 8):  # perturb audio codes at sequence positions >= t
+        b2 = {k: v.clone() for k, v in b.items()}
+        b2["audio"][0, 0, t:] = (b2["audio"][0, 0, t:] + 7) % CARD[0]
+        with torch.no_grad():
+            out = ar(**b2)
+        torch.testing.assert_close(out[:, :t], base[:, :t], rtol=0, atol=1e-6)
+        assert (out[0, t:] - base[0, t:]).abs().max() > 1e-3  # and the change does show up from t on
+
+
+def test_ar_right_padding_invariance():
+    torch.manual_seed(0)
+    ar = AR(cfg()).eval()
+    short, long = examples([(3, 2, 4), (6, 5, 9)])
+    with torch.no_grad():
+        alone = ar(**ar.batch([short]))[0]
+        both = ar(**ar.batch([short, long]))
+    n = 3 + 2 + 4
+    assert alone.shape[0] == n and both.shape[1] == 6 + 5 + 9
+    torch.testing.assert_close(both[0, :n], alone, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(both).all()  # padding rows are not NaN either
+
+
+def test_attention_mask_by_hand():
+    valid = torch.tensor([[True, True, True, False]])
+    causal = attention_mask(valid, causal=True)[0].int().tolist()
+    assert causal == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]  # padding row sees itself
+    full = attention_mask(valid, causal=False)[0].int().tolist()
+    assert full == [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 4. AR.batch layout and targets
+
+def test_ar_batch_layout_and_targets():
+    ar = AR(cfg())
+    sizes = [(3, 4, 5), (2, 0, 3), (6, 2, 7)]
+    ex = examples(sizes)
+    b = ar.batch(ex)
+    T = max(sum(s) for s in sizes)
+    assert b["targets"].shape == (3, T) and b["audio"].shape == (3, 1, T)
+    for i, ((t, p, g), (lt, lp, lg)) in enumerate(zip(ex, sizes)):
+        n = lt + lp + lg
+        assert b["valid"][i].tolist() == [True] * n + [False] * (T - n)
+        assert b["is_audio"][i].tolist() == [False] * lt + [True] * (lp + lg) + [False] * (T - n)
+        assert b["text"][i, :lt].tolist() == t
+        assert b["audio"][i, 0, lt:n].tolist() == p[0].tolist() + g[0].tolist()
+        assert (b["audio"][i, 0, :lt] == -1).all() and (b["audio"][i, 0, n:] == -1).all()
+        assert b["pos"][i, :n].tolist() == list(range(lt)) + list(range(lp + lg))
+        # scored: from the last prompt position (the last text position when there is no prompt) to the last
+        # target frame, lg + 1 positions, predicting g[0] then EOS
+        want = [-100] * T
+        want[lt + lp - 1:lt + lp + lg] = g[0].tolist() + [CARD[0]]
+        assert b["targets"][i].tolist() == want
+        assert (b["targets"][i] != -100).sum() == lg + 1 and ar.eos == CARD[0]
+    # changing text or prompt codes never moves the scored positions
+    ex2 = [([(x % (N_TEXT - 1)) + 1 for x in t[::-1]], (p + 3) % CARD[0], g) for t, p, g in ex]
+    b2 = ar.batch(ex2)
+    assert torch.equal(b2["targets"], b["targets"])
+
+
+def test_lm_loss_is_mean_over_scored_positions_by_hand():
+    torch.manual_seed(0)
+    ar = AR(cfg()).eval()
+    sizes = [(3, 4, 5), (6, 2, 7)]
+    ex = examples(sizes)
+    b = ar.batch(ex)
+    with torch.no_grad():
+        logits = ar(**b)
+        loss = lm_loss(ar, b)
+    rows, tgts = [], []
+    for i, ((t, p, g), (lt, lp, lg)) in enumerate(zip(ex, sizes)):
+        seq = p[0].tolist() + g[0].tolist()
+        for k in range(lg + 1):  # position lt + lp - 1 + k sees audio up to frame lp - 1 + k
+            rows.append(logits[i, lt + lp - 1 + k])
+            tgts.append(g[0, k].item() if k < lg else ar.eos)
+        assert len(seq) == lp + lg
+    ref = F.cross_entropy(torch.stack(rows).double(), torch.tensor(tgts))
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_positions_beyond_the_tables_raise():
+    ar = AR(cfg(max_text=8, max_audio=16)).eval()
+    long_text = examples([(9, 2, 3)])  # 9 text tokens > max_text = 8
+    with pytest.raises(ValueError, match="positions"):
+        ar(**ar.batch(long_text))
+    long_audio = examples([(3, 6, 11)])  # 17 audio frames > max_audio = 16
+    with pytest.raises(ValueError, match="positions"):
+        ar(**ar.batch(long_audio))
+    ar(**ar.batch(examples([(8, 6, 10)])))  # exactly full tables are fine
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 5. NAR.batch layout, bidirectionality
+
+def test_nar_batch_layout_and_targets():
+    nar = NAR(cfg())
+    sizes = [(3, 4, 5), (5, 2, 2)]
+    ex = examples(sizes)
+    Q = len(CARD)
+    for j in range(1, Q):
+        b = nar.batch(ex, j)
+        T = max(sum(s) for s in sizes)
+        assert b["j"] == j and b["audio"].shape == (2, Q, T)
+        for i, ((t, p, g), (lt, lp, lg)) in enumerate(zip(ex, sizes)):
+            n = lt + lp + lg
+            assert b["text"][i, :lt].tolist() == t
+            assert (b["audio"][i, :, :lt] == -1).all() and (b["audio"][i, :, n:] == -1).all()
+            assert torch.equal(b["audio"][i, :, lt:lt + lp], p)  # the prompt: every layer
+            assert torch.equal(b["audio"][i, :j, lt + lp:n], g[:j])  # the target: layers < j ...
+            assert (b["audio"][i, j:, lt + lp:n] == -1).all()  # ... and nothing of layers >= j
+            want = [-100] * T
+            want[lt + lp:n] = g[j].tolist()
+            assert b["targets"][i].tolist() == want
+            assert b["pos"][i, :n].tolist() == list(range(lt)) + list(range(lp + lg))
+        with torch.no_grad():
+            assert nar(**b).shape == (2, T, CARD[j])
+    # without layer j (generation) nothing is scored
+    b = nar.batch([(t, p, g[:2]) for t, p, g in ex], 2)
+    assert (b["targets"] == -100).all()
+
+
+def test_nar_is_bidirectional_and_ignores_absent_layers():
+    torch.manual_seed(0)
+    nar = NAR(cfg()).eval()
+    with torch.no_grad():  # louder code embeddings, so that a changed code moves the logits visibly
+        for emb in nar.audio_emb:
+            emb.weight.mul_(20)
+    ex = examples([(4, 3, 8)])
+    j, last = 2, 4 + 3 + 8 - 1
+    b = nar.batch(ex, j)
+    with torch.no_grad():
+        base = nar(**b)
+        b2 = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in b.items()}
+        b2["audio"][0, 0, last] = (b2["audio"][0, 0, last] + 5) % CARD[0]  # change the last frame's layer 1
+        out = nar(**b2)
+        assert (out[0, :last] - base[0, :last]).abs().max() > 1e-3  # earlier positions see it
+        # layers >= j of the target are not in the input: other values there change nothing
+        t, p, g = ex[0]
+        other = nar.batch([(t, p, torch.cat([g[:j], (g[j:] + 3) % 16]))], j)
+        torch.testing.assert_close(nar(**other), base, rtol=0, atol=0)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 6. Overfitting one fixed batch
+# Measured (seed 0, 150 Adam steps at lr 3e-3, dropout 0): AR loss ~0.009, NAR loss ~0.005 nats/token;
+# the thresholds below (0.05) leave a 5-10x margin, while an untrained model sits at ~log(41) = 3.7.
+
+def overfit(model, batches, steps=150, lr=3e-3):
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = sum(lm_loss(model, b) for b in batches) / len(batches)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        return [lm_loss(model, b).item() for b in batches]
+
+
+def test_ar_overfits_and_greedy_reproduces_targets():
+    torch.manual_seed(0)
+    ar = AR(cfg(dropout=0.0))
+    ex = examples([(4, 5, 6), (6, 3, 8)], seed=1)
+    (loss,) = overfit(ar, [ar.batch(ex)])
+    assert loss < 0.05, loss
+    codes, hit = ar.generate([t for t, _, _ in ex], [p for _, p, _ in ex], temperature=0, max_ratio=4)
+    assert [c.tolist() for c in codes] == [g[0].tolist() for _, _, g in ex]
+    assert not hit.any()  # it stopped at EOS
+
+
+def test_nar_overfits_and_greedy_reproduces_targets():
+    torch.manual_seed(0)
+    nar = NAR(cfg(dropout=0.0))
+    ex = examples([(4, 5, 6), (6, 3, 8)], seed=1)
+    losses = overfit(nar, [nar.batch(ex, j) for j in range(1, len(CARD))])
+    assert max(losses) < 0.05, losses
+    out = nar.generate([t for t, _, _ in ex], [p for _, p, _ in ex], [g[0] for _, _, g in ex])
+    for o, (_, _, g) in zip(out, ex):
+        assert torch.equal(o, g)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 7. TextTokenizer
+
+def test_tokenizer_phonemes():
+    tok = TextTokenizer.build(["D @2 | k w 'I k", "b r 'aU n | f 'A k s"])
+    assert tok.symbols[0] == "<pad>"
+    assert tok.symbols[1:] == sorted({"D", "@2", "|", "k", "w", "'I", "b", "r", "'aU", "n", "f", "'A", "s"})
+    ids = tok.encode("k w 'I k | f 'A k s")
+    assert 0 not in ids
+    assert [tok.symbols[i] for i in ids] == "k w 'I k | f 'A k s".split()
+    with pytest.raises(ValueError, match=r"utt_7.*'Z'"):
+        tok.encode("k Z", utt="utt_7")
+    with pytest.raises(ValueError, match="utt_8"):
+        tok.encode("   ", utt="utt_8")
+    # a tokenizer rebuilt from the saved symbol list (as load_model does) encodes the same
+    again = TextTokenizer(tok.symbols, tok.kind)
+    assert again.symbols == tok.symbols and again.encode("D @2 | s") == tok.encode("D @2 | s")
+
+
+def test_tokenizer_letters():
+    tok = TextTokenizer.build(["ignored"], kind="letters")
+    ids = tok.encode("It's  a   DOG")
+    assert "".join(tok.symbols[i] for i in ids) == "it's a dog"
+    with pytest.raises(ValueError, match=r"u1.*'3'"):
+        tok.encode("route 3", utt="u1")
+    with pytest.raises(ValueError, match="empty"):
+        tok.encode("", utt="u2")
+    with pytest.raises(ValueError):
+        TextTokenizer([], kind="words")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# train_codec_lm.py: batches, checkpoints, --resume, DDP
+
+def test_batch_for_step_full_batches_each_example_once_per_epoch():
+    from train_codec_lm import batch_for_step
+
+    class Identity:  # model.batch stand-in: return the chosen examples
+        def batch(self, chosen, device=None):
+            return chosen
+
+    n, bs = 362, 4  # not a multiple of the batch size: the 2 leftover examples must not make a short batch
+    g = torch.Generator().manual_seed(0)
+    ex = [([1], torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, int(torch.randint(1, 9, (1,), generator=g))))
+          for _ in range(n)]
+    args = argparse.Namespace(seed=0, batch_size=bs, model="ar")
+    per_epoch = n // bs
+    for epoch in range(2):
+        seen = []
+        for step in range(epoch * per_epoch, (epoch + 1) * per_epoch):
+            chosen = batch_for_step(Identity(), lambda s: ex, step, args, 1, 0, "cpu")
+            assert len(chosen) == bs, (step, len(chosen))
+            shards = [batch_for_step(Identity(), lambda s: ex, step, args, 2, r, "cpu") for r in range(2)]
+            assert sorted(map(id, shards[0] + shards[1])) == sorted(map(id, chosen))  # DDP: ranks split it
+            seen += [id(e) for e in chosen]
+        assert len(set(seen)) == len(seen) == per_epoch * bs
+
+
+def train(out, *extra, steps=8, model="ar", launcher=None, timeout=300):
+    cmd = [*(launcher or [sys.executable]), str(REPO / "train_codec_lm.py"), "--model", model, "--out", str(out),
+           "--train", str(TRAIN), "--val", str(VAL), "--d_model", "32", "--n_layer", "1", "--n_head", "2",
+           "--batch_size", "4", "--eval_utts", "8", "--steps", str(steps), "--warmup", "2", "--ckpt_every", "2",
+           "--dropout", "0.1", "--eval_every", "1000", *extra]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def read_log(out):
+    return [json.loads(line) for line in open(f"{out}.log.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def ar_run(tmp_path_factory):
+    """One uninterrupted 8-step AR run (run A of the resume test; its checkpoint serves the load tests)."""
+    out = tmp_path_factory.mktemp("run_a") / "ar.pt"
+    train(out)
+    return out
+
+
+def test_checkpoint_loads_into_the_same_model(ar_run):
+    ckpt = torch.load(ar_run, map_location="cpu", weights_only=True)
+    assert ckpt["kind"] == "ar" and ckpt["step"] == 8
+    model, tok, ck = load_model(ar_run, "ar")
+    assert not model.training and isinstance(model, AR)
+    assert model.cfg.d_model == 32 and len(model.blocks) == 1 and model.cfg.card == tuple(ckpt["codec"]["card"])
+    sd = model.state_dict()
+    assert sd.keys() == ckpt["model"].keys()
+    for k, v in ckpt["model"].items():
+        assert torch.equal(sd[k], v), k
+    # the weights were trained (differ from a fresh model built with the same seed and config)
+    torch.manual_seed(0)
+    fresh = AR(model.cfg)
+    assert not torch.equal(fresh.head.weight, model.head.weight)
+    # a second load gives the same outputs; a model built by hand from the checkpoint's dict does too
+    other = AR(LMConfig(**ckpt["config"]))
+    other.load_state_dict(ckpt["model"])
+    other.eval()
+    model2, _, _ = load_model(ar_run, "ar")
+    ex = [(tok.encode("D @2 | k w 'I k"), torch.randint(0, 1024, (8, 6)), torch.randint(0, 256, (8, 5)))]
+    ex[0][2][0] = torch.randint(0, 1024, (5,))
+    b = model.batch(ex)
+    with torch.no_grad():
+        y = model(**b)
+        torch.testing.assert_close(model2(**b), y, rtol=0, atol=0)
+        torch.testing.assert_close(other(**b), y, rtol=0, atol=0)
+    assert tok.symbols == ckpt["tokenizer"]["symbols"] and tok.kind == "phonemes"
+    with pytest.raises(ValueError, match="nar"):
+        load_model(ar_run, "nar")
+
+
+def test_resume_follows_the_uninterrupted_run(ar_run, tmp_path):
+    out = tmp_path / "ar.pt"
+    train(out, "--stop_after", "4")
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
+    assert torch.load(out, weights_only=True)["step"] == 4
+    with open(f"{out}.log.jsonl", "a") as f:  # a record from beyond the checkpoint, as a crash would leave
+        f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n")
+    train(out, "--resume")
+    a, b = read_log(ar_run), read_log(out)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]
+    assert [r["grad_norm"] for r in b] == [r["grad_norm"] for r in a]
+    assert b[-1]["val_loss"] == a[-1]["val_loss"]
+    sa, sb = torch.load(ar_run, weights_only=True), torch.load(out, weights_only=True)
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    out = tmp_path / "ar.pt"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    train(out, steps=3, launcher=launcher)
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["kind"] == "ar"
+    assert not any(k.startswith("module.") for k in ckpt["model"])  # the bare model, not the DDP wrapper
+    log = read_log(out)
+    assert [r["step"] for r in log] == [1, 2, 3]  # only rank 0 writes
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log) and "val_loss" in log[-1]
+    model, _, _ = load_model(out, "ar")
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -1,0 +1,211 @@
+"""Pretrain the codec LM -- the AR (layer 1) or the NAR (layers 2..Q) -- on a tokenised corpus.
+
+    python train_codec_lm.py --model ar  --out runs/sft/ar.pt  --train data/toy_corpus/train.pt
+    python train_codec_lm.py --model nar --out runs/sft/nar.pt --train data/toy_corpus/train.pt
+    python train_codec_lm.py --model ar  --out runs/sft/ar.pt  --resume          # carry on where it stopped
+    torchrun --nproc_per_node 4 train_codec_lm.py --model ar ...                  # several GPUs (DDP)
+
+On a 2-core CPU run the AR and the NAR as two processes side by side (one thread each). The checkpoint
+(config, step, model, optimizer, RNG, tokenizer, codec) is rewritten atomically every --ckpt_every steps;
+--resume continues from it and follows the same trajectory as an uninterrupted run. A JSONL log sits
+beside it (`<out>.log.jsonl`): training loss, lr, tokens/s, and validation loss at intervals.
+"""
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from codec import load_corpus
+from speechalign import AR, NAR, LMConfig, TextTokenizer, lm_loss, make_examples, save_checkpoint
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["ar", "nar"], required=True)
+    ap.add_argument("--out", required=True, help="checkpoint path")
+    ap.add_argument("--train", default="data/toy_corpus/train.pt", help="tokenised training corpus")
+    ap.add_argument("--val", default="data/toy/test_seen.pt", help="tokenised validation corpus")
+    ap.add_argument("--text", choices=["phonemes", "letters"], default="phonemes")
+    ap.add_argument("--prompt_seconds", type=float, default=3.0)
+    ap.add_argument("--d_model", type=int, default=256)
+    ap.add_argument("--n_layer", type=int, default=6)
+    ap.add_argument("--n_head", type=int, default=4)
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--batch_size", type=int, default=16, help="examples per step (over all processes)")
+    ap.add_argument("--steps", type=int, default=20000)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--min_lr", type=float, default=1e-4)
+    ap.add_argument("--warmup", type=int, default=500)
+    ap.add_argument("--weight_decay", type=float, default=0.01)
+    ap.add_argument("--grad_clip", type=float, default=1.0)
+    ap.add_argument("--eval_every", type=int, default=500)
+    ap.add_argument("--eval_utts", type=int, default=128)
+    ap.add_argument("--ckpt_every", type=int, default=250)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads per process")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--stop_after", type=int, default=None, help="exit after this step (for tests)")
+    return ap.parse_args(argv)
+
+
+def lr_at(step, args):
+    """Linear warmup, then cosine decay from lr to min_lr over the remaining steps."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def batch_for_step(model, examples_for, step, args, world, rank, device):
+    """The batch of a step is a function of (seed, step) alone, so a resumed run sees the same data.
+    Each epoch draws fresh prompts and a fresh order; examples of similar length share a batch (sorted
+    within windows of 50 batches) to waste less compute on padding."""
+    examples = examples_for(step)
+    per_epoch = len(examples) // args.batch_size
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+    order = torch.randperm(len(examples), generator=g).tolist()
+    window = args.batch_size * 50
+    w0 = (k * args.batch_size) // window * window
+    # the leftover len % batch_size examples of the order are skipped this epoch, never a short batch
+    chunk = sorted(order[w0:min(w0 + window, per_epoch * args.batch_size)], key=lambda i: examples[i][2].shape[1])
+    batches = [chunk[i:i + args.batch_size] for i in range(0, len(chunk), args.batch_size)]
+    perm = torch.randperm(len(batches), generator=g).tolist()  # batch order inside the window
+    idx = batches[perm[k - w0 // args.batch_size]][rank::world]
+    chosen = [examples[i] for i in idx]
+    if args.model == "ar":
+        return model.batch(chosen, device=device)
+    j = int(torch.randint(1, len(model.cfg.card), (1,), generator=torch.Generator().manual_seed(step)))
+    return model.batch(chosen, j, device=device)
+
+
+@torch.no_grad()
+def validate(model, val_examples, args, device):
+    """Mean token cross-entropy on held-out examples (for the NAR: averaged over layers 2..Q)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(val_examples), args.batch_size):
+        chunk = val_examples[i:i + args.batch_size]
+        layers = [None] if args.model == "ar" else range(1, len(model.cfg.card))
+        for j in layers:
+            b = model.batch(chunk, device=device) if j is None else model.batch(chunk, j, device=device)
+            n = (b["targets"] != -100).sum().item()
+            total += lm_loss(model, b).item() * n
+            count += n
+    model.train()
+    return total / count
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ddp = "RANK" in os.environ
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(device)  # else NCCL may put every rank's collectives on GPU 0
+    else:
+        rank, world = 0, 1
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.batch_size % world:
+        raise SystemExit(f"--batch_size {args.batch_size} must be a multiple of the {world} processes")
+    torch.set_num_threads(args.threads)
+    master = rank == 0
+
+    train, val = load_corpus(args.train), load_corpus(args.val)
+    if train["codec"]["name"] != val["codec"]["name"]:
+        raise SystemExit(f"{args.train} and {args.val} come from different codecs: "
+                         f"{train['codec']['name']} vs {val['codec']['name']}")
+    frame_rate = train["codec"]["frame_rate"]
+    ckpt = torch.load(args.out, map_location="cpu", weights_only=True) if args.resume else None
+    if args.resume and ckpt is None:
+        raise SystemExit(f"--resume: no checkpoint at {args.out}")
+    if ckpt:
+        tok = TextTokenizer(ckpt["tokenizer"]["symbols"], ckpt["tokenizer"]["kind"])
+        cfg = LMConfig(**ckpt["config"])
+    else:
+        tok = TextTokenizer.build(train["phonemes"] if args.text == "phonemes" else train["texts"], args.text)
+        cfg = LMConfig(n_text=len(tok.symbols), card=tuple(train["codec"]["card"]), d_model=args.d_model,
+                       n_layer=args.n_layer, n_head=args.n_head, dropout=args.dropout)
+    torch.manual_seed(args.seed)
+    model = (AR if args.model == "ar" else NAR)(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    step = 0
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        if "cuda_rng" in ckpt and "cuda" in str(device):  # dropout on a GPU draws from the CUDA generator
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+        step = ckpt["step"]
+    net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=args.model == "nar") if ddp else model
+
+    cache = {}
+
+    def examples_for(step):  # fresh cross-sentence prompts each epoch, cached for the current one
+        epoch = step // (len(train["utts"]) // args.batch_size)
+        if cache.get("epoch") != epoch:
+            cache.update(epoch=epoch, ex=make_examples(train, tok, args.prompt_seconds, seed=args.seed * 7919 + epoch,
+                                                       frame_rate=frame_rate))
+        return cache["ex"]
+
+    val_examples = make_examples(val, tok, args.prompt_seconds, seed=12345, frame_rate=frame_rate)[:args.eval_utts]
+    log_path = args.out + ".log.jsonl"
+    if master and ckpt and os.path.exists(log_path):  # drop records of steps after the checkpoint: they are redone
+        kept = [line for line in open(log_path) if json.loads(line)["step"] <= step]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
+    log = open(log_path, "a" if ckpt else "w") if master else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if "cuda" in str(device) else torch.autocast("cpu", enabled=False)
+
+    def checkpoint():
+        save_checkpoint(args.out, kind=args.model, config=asdict(cfg), step=step, model=model.state_dict(),
+                        optimizer=opt.state_dict(), rng=torch.get_rng_state(), args=vars(args),
+                        **({"cuda_rng": torch.cuda.get_rng_state(device)} if "cuda" in str(device) else {}),
+                        tokenizer={"symbols": tok.symbols, "kind": tok.kind}, codec=train["codec"])
+
+    model.train()
+    bar = tqdm(total=args.steps, initial=step, desc=f"train {args.model}", disable=not master)
+    t0, tokens = time.time(), 0
+    while step < args.steps:
+        b = batch_for_step(model, examples_for, step, args, world, rank, device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        with autocast:
+            loss = lm_loss(net, b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        step += 1
+        tokens += int(b["valid"].sum()) * world
+        if master:
+            rec = {"step": step, "loss": round(loss.item(), 5), "lr": lr_at(step - 1, args),
+                   "grad_norm": round(norm.item(), 4), "tokens_per_s": round(tokens / (time.time() - t0), 1)}
+            if step % args.eval_every == 0 or step == args.steps:
+                rec["val_loss"] = round(validate(model, val_examples, args, device), 5)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+                            **({"val": rec["val_loss"]} if "val_loss" in rec else {}))
+            bar.update(1)
+            if step % args.ckpt_every == 0 or step == args.steps:
+                checkpoint()
+        if args.stop_after is not None and step >= args.stop_after:
+            break
+    if master and step % args.ckpt_every and step != args.steps:
+        checkpoint()
+    bar.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
