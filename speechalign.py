@@ -206,6 +206,24 @@ def lm_loss(model, b):
     return -sequence_logps(model(**b), b["targets"], mask).sum() / mask.sum()
 
 
+def pack(examples, n_layers):
+    """The right-padded layout AR and NAR batches share: per example [text | prompt | target], text ids and
+    positions filled in, audio codes all -1 (absent) for the caller to fill, targets all -100 (unscored).
+    Returns the tensors and each example's (text, prompt, target) lengths."""
+    spans = [(len(t), p.shape[1], g.shape[1]) for t, p, g in examples]
+    B, T = len(examples), max(map(sum, spans))
+    b = dict(text=torch.zeros(B, T, dtype=torch.long), audio=torch.full((B, n_layers, T), -1, dtype=torch.long),
+             is_audio=torch.zeros(B, T, dtype=torch.bool), pos=torch.zeros(B, T, dtype=torch.long),
+             valid=torch.zeros(B, T, dtype=torch.bool), targets=torch.full((B, T), -100, dtype=torch.long))
+    for i, ((t, _, _), (lt, lp, lg)) in enumerate(zip(examples, spans)):
+        b["text"][i, :lt] = torch.tensor(t)
+        b["is_audio"][i, lt:lt + lp + lg] = True
+        b["pos"][i, :lt] = torch.arange(lt)
+        b["pos"][i, lt:lt + lp + lg] = torch.arange(lp + lg)
+        b["valid"][i, :lt + lp + lg] = True
+    return b, spans
+
+
 # -----------------------------------------------------------------------------------------------------------
 # AR: p(c_1 | text, prompt) = prod_t p(c_1[t] | text, prompt layer 1, c_1[<t]), then EOS.
 
@@ -218,25 +236,12 @@ class AR(CodecLM):
     def batch(self, examples, device="cpu"):
         """Right-padded [text | prompt | target] sequences; `targets` are the next audio token (or EOS) at the
         positions that predict the target and EOS, -100 elsewhere, so text and prompt are never scored."""
-        seqs = [(len(t), p.shape[1], g.shape[1]) for t, p, g in examples]
-        B, T = len(examples), max(a + b + c for a, b, c in seqs)
-        text = torch.zeros(B, T, dtype=torch.long)
-        audio = torch.full((B, 1, T), -1, dtype=torch.long)
-        is_audio = torch.zeros(B, T, dtype=torch.bool)
-        pos = torch.zeros(B, T, dtype=torch.long)
-        valid = torch.zeros(B, T, dtype=torch.bool)
-        targets = torch.full((B, T), -100, dtype=torch.long)
-        for i, ((t, p, g), (lt, lp, lg)) in enumerate(zip(examples, seqs)):
-            text[i, :lt] = torch.tensor(t)
-            audio[i, 0, lt:lt + lp + lg] = torch.cat([p[0], g[0]])
-            is_audio[i, lt:lt + lp + lg] = True
-            pos[i, :lt] = torch.arange(lt)
-            pos[i, lt:lt + lp + lg] = torch.arange(lp + lg)
-            valid[i, :lt + lp + lg] = True
+        b, spans = pack(examples, n_layers=1)
+        for i, ((_, p, g), (lt, lp, lg)) in enumerate(zip(examples, spans)):
+            b["audio"][i, 0, lt:lt + lp + lg] = torch.cat([p[0], g[0]])
             start = lt + lp - 1  # the last prompt token predicts the first target code
-            targets[i, start:start + lg + 1] = torch.cat([g[0], torch.tensor([self.eos])])
-        out = dict(text=text, audio=audio, is_audio=is_audio, pos=pos, valid=valid, targets=targets)
-        return {k: v.to(device) for k, v in out.items()}
+            b["targets"][i, start:start + lg + 1] = torch.cat([g[0], torch.tensor([self.eos])])
+        return {k: v.to(device) for k, v in b.items()}
 
     def forward(self, text, audio, is_audio, pos, valid, caches=None, mask=None, **_):
         x = self.embed(text, audio, is_audio, pos)
@@ -335,26 +340,13 @@ class NAR(CodecLM):
     def batch(self, examples, j, device="cpu"):
         """Sequences [text | prompt (all layers) | target (layers < j)] for predicting layer j (0-based,
         1..Q-1); `targets` hold layer j's codes at the target frames and -100 elsewhere."""
-        seqs = [(len(t), p.shape[1], g.shape[1]) for t, p, g in examples]
-        B, T, Q = len(examples), max(a + b + c for a, b, c in seqs), len(self.cfg.card)
-        text = torch.zeros(B, T, dtype=torch.long)
-        audio = torch.full((B, Q, T), -1, dtype=torch.long)
-        is_audio = torch.zeros(B, T, dtype=torch.bool)
-        pos = torch.zeros(B, T, dtype=torch.long)
-        valid = torch.zeros(B, T, dtype=torch.bool)
-        targets = torch.full((B, T), -100, dtype=torch.long)
-        for i, ((t, p, g), (lt, lp, lg)) in enumerate(zip(examples, seqs)):
-            text[i, :lt] = torch.tensor(t)
-            audio[i, :, lt:lt + lp] = p
-            audio[i, :j, lt + lp:lt + lp + lg] = g[:j]
-            is_audio[i, lt:lt + lp + lg] = True
-            pos[i, :lt] = torch.arange(lt)
-            pos[i, lt:lt + lp + lg] = torch.arange(lp + lg)
-            valid[i, :lt + lp + lg] = True
+        b, spans = pack(examples, n_layers=len(self.cfg.card))
+        for i, ((_, p, g), (lt, lp, lg)) in enumerate(zip(examples, spans)):
+            b["audio"][i, :, lt:lt + lp] = p
+            b["audio"][i, :j, lt + lp:lt + lp + lg] = g[:j]
             if g.shape[0] > j:  # training: the answer is known
-                targets[i, lt + lp:lt + lp + lg] = g[j]
-        out = dict(text=text, audio=audio, is_audio=is_audio, pos=pos, valid=valid, targets=targets)
-        return {k: v.to(device) for k, v in out.items()} | {"j": j}
+                b["targets"][i, lt + lp:lt + lp + lg] = g[j]
+        return {k: v.to(device) for k, v in b.items()} | {"j": j}
 
     def forward(self, text, audio, is_audio, pos, valid, j, **_):
         x = self.embed(text, audio, is_audio, pos) + self.layer_emb.weight[j]
