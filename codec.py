@@ -15,6 +15,7 @@ Two codecs:
 - `MelRVQCodec`: the toy codec for offline CPU work. 80-bin log-mel at 50 frames/s, quantised by
   residual k-means, decoded by inverse mel + Griffin-Lim. See its docstring for the layout.
 """
+import hashlib
 import math
 import os
 
@@ -175,7 +176,6 @@ class MelRVQCodec:
             self.sample_rate, n_fft=self.n_fft, hop_length=self.hop, n_mels=self.n_mels, power=1.0)
         self._inv = None  # decoder transforms, built on first decode
         digest = torch.cat([c.flatten() for c in self.centroids] + [self.mean]).numpy().tobytes()
-        import hashlib
         tag = hashlib.sha1(digest).hexdigest()[:8]
         self.name = f"melrvq16k-{'x'.join(map(str, self.card))}{'-cmn' if self.cmn else ''}-{tag}"
 
