@@ -11,13 +11,18 @@ Part 1, the codec LM (the paper's section 2 and VALL-E):
 
 Everything runs on one GPU or the CPU. `train_codec_lm.py` pretrains the two models; `eval.py` judges them.
 """
+import copy
+import json
 import math
+import os
 import random
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------------------------------------
 # Text tokenizer. Phonemes are the default: at toy scale design.md's prototype could not learn how letters
@@ -310,6 +315,11 @@ class AR(CodecLM):
         return (codes, hit_limit.cpu(), step_logits) if return_logits else (codes, hit_limit.cpu())
 
 
+# Default sampling, shared by inference (eval.py) and by SpeechAlign's rejected samples: the pairs should
+# show the model's mistakes as they happen at inference. Top-k 50 cuts the long tail of a 1024-code layer.
+SAMPLING = dict(temperature=1.0, top_k=50, top_p=None, max_ratio=8.0)
+
+
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token per row from logits [B, V]: temperature, then top-k, then nucleus (top-p) filtering."""
     if temperature == 0:
@@ -383,7 +393,6 @@ def synthesise(ar, nar, texts, prompts, codec=None, **sampling):
 # Checkpoints: plain dicts of tensors and numbers, written atomically, read with weights_only=True.
 
 def save_checkpoint(path, **state):
-    import os
     tmp = f"{path}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -398,3 +407,302 @@ def load_model(path, kind, device="cpu"):
     model = (AR if kind == "ar" else NAR)(cfg).to(device)
     model.load_state_dict(ckpt["model"])
     return model.eval(), TextTokenizer(ckpt["tokenizer"]["symbols"], ckpt["tokenizer"]["kind"]), ckpt
+
+
+# ===========================================================================================================
+# Part 2, SpeechAlign (the paper's section 3), in its order:
+#   3.1 the distribution gap: the NAR learnt from golden layer-1 codes but reads the AR's samples;
+#   3.2 preference data without human labels: chosen y_w = the golden codes, rejected y_l = the AR's own
+#       sample for the same x = (text, prompt);
+#   3.3 preference optimisation of the AR with DPO against a frozen copy of itself (the NAR stays fixed);
+#   3.4 iterative self-improvement: AR_{t+1} samples the next round's pairs and is its reference.
+# Plus the paper's control: continued supervised training on the same golden codes at equal budget.
+
+# -----------------------------------------------------------------------------------------------------------
+# 3.2 Pairs. One pairs file per round holds, for every training utterance i, x_i = (text ids, prompt layer-1
+# codes) and the golden y_w,i, and K samples y_l from the round's AR; a pair is (i, one sample). Lists of
+# tensors and plain values, so torch.load(weights_only=True) reads it.
+
+def golden_examples(pairs, utts):
+    """AR examples (text, prompt [1, Lp], golden codes [1, L]) of utterances `utts`."""
+    return [(pairs["texts"][i], pairs["prompts"][i], pairs["chosen"][i].view(1, -1)) for i in utts]
+
+
+def pair_examples(pairs, idx, side):
+    """AR examples of pairs `idx`: their utterance's x with the chosen (golden) or the rejected codes."""
+    if side == "chosen":
+        return golden_examples(pairs, [pairs["pair_utt"][j] for j in idx])
+    return [(pairs["texts"][i], pairs["prompts"][i], pairs["rejected"][j].view(1, -1))
+            for i, j in ((pairs["pair_utt"][j], j) for j in idx)]
+
+
+@torch.no_grad()
+def make_pairs(ar, examples, k=1, sampling=SAMPLING, batch_size=64, seed=0, progress=False):
+    """Sample K rejected layer-1 sequences per example from `ar` (the KV-cache sampler, `sampling` settings);
+    the golden target is the chosen side. Returns the pairs dict with its statistics."""
+    ar.eval()
+    dev = ar.head.weight.device
+    t0 = time.time()
+    # similar prompt+text lengths share a batch: less left padding in the sampler
+    jobs = sorted(((i, r) for i in range(len(examples)) for r in range(k)),
+                  key=lambda j: (len(examples[j[0]][0]) + examples[j[0]][1].shape[1], j))
+    batches = [jobs[s:s + batch_size] for s in range(0, len(jobs), batch_size)]
+    rejected, hit = {}, {}
+    for n, chunk in enumerate(tqdm(batches, desc="sample pairs", disable=not progress)):
+        g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + n)
+        codes, lim = ar.generate([examples[i][0] for i, _ in chunk], [examples[i][1] for i, _ in chunk],
+                                 generator=g, **sampling)
+        for job, c, h in zip(chunk, codes, lim.tolist()):
+            rejected[job], hit[job] = c, h
+    order = sorted(rejected)  # (utterance, sample) order, whatever the batching
+    pairs = dict(texts=[list(t) for t, _, _ in examples], prompts=[p[:1].clone() for _, p, _ in examples],
+                 chosen=[g[0].clone() for _, _, g in examples], rejected=[rejected[j] for j in order],
+                 pair_utt=[i for i, _ in order], hit_limit=torch.tensor([hit[j] for j in order]))
+    len_c = torch.tensor([len(c) for c in pairs["chosen"]], dtype=torch.float)
+    pairs["stats"] = dict(n_utts=len(examples), n_pairs=len(order), k=k, sampling_seconds=round(time.time() - t0, 2),
+                          chosen_len_mean=len_c.mean().item())
+    if order:  # k = 0 (the control) samples nothing
+        len_r = torch.tensor([len(r) for r in pairs["rejected"]], dtype=torch.float)
+        pairs["stats"] |= dict(rejected_len_mean=len_r.mean().item(),
+                               rejected_len_ratio=(len_r / len_c[pairs["pair_utt"]]).mean().item(),
+                               hit_limit_share=pairs["hit_limit"].float().mean().item(),
+                               empty_share=(len_r == 0).float().mean().item())
+    return pairs
+
+
+def usable_pairs(pairs):
+    """Indices of pairs DPO can learn from: a non-empty rejected sample (an immediate EOS gives nothing to
+    score but EOS) that differs from the golden codes (identical sides give h = 0 and a constant loss)."""
+    return [j for j, (i, r) in enumerate(zip(pairs["pair_utt"], pairs["rejected"]))
+            if len(r) > 0 and not torch.equal(r, pairs["chosen"][i])]
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 3.3 DPO. With h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]:
+#   sigmoid (DPO):        L = -log sigma(beta h)
+#   conservative DPO:     L = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)   (label_smoothing eps)
+#   IPO:                  L = (h - 1 / (2 beta))^2                     (callers pass length-averaged log-probs)
+# Implicit rewards r = beta (log pi - log pi_ref), detached: they are what is logged, never trained on.
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             beta=0.1, label_smoothing=0.0, loss_type="sigmoid"):
+    """Per-example losses and rewards (each [B]) from the four sequence log-probs; fp32, log-sigmoid form."""
+    pc, pr, rc, rr = (x.float() for x in (policy_chosen_logps, policy_rejected_logps,
+                                          reference_chosen_logps, reference_rejected_logps))
+    h = (pc - rc) - (pr - rr)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}: use 'sigmoid' or 'ipo'")
+    return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
+def ar_logps(model, examples, device="cpu"):
+    """log pi(y | x) of each AR example, summed over its target codes and EOS (text and prompt positions are
+    never scored), and the number of scored tokens. One forward for the whole list."""
+    b = model.batch(examples, device=device)
+    mask = b["targets"] != -100
+    return sequence_logps(model(**b), b["targets"], mask), mask.sum(-1)
+
+
+@torch.no_grad()
+def reference_logps(reference, pairs, idx, batch_size=32, device="cpu"):
+    """The frozen reference's log-probs of both sides of pairs `idx`, computed once per round (the reference
+    never changes within a round, so there is nothing to gain from running it at every step)."""
+    reference.eval()
+    out = {"chosen": [], "rejected": []}
+    for s in range(0, len(idx), batch_size):
+        chunk = idx[s:s + batch_size]
+        for side in out:
+            out[side].append(ar_logps(reference, pair_examples(pairs, chunk, side), device)[0].cpu())
+    return {side: torch.cat(v) for side, v in out.items()}
+
+
+def train_round(policy, pairs, idx, ref, a, log=None):
+    """One round of a.steps optimizer steps of a.batch_size pairs (or, with a.control, of golden utterances).
+
+    DPO: chosen and rejected go through one concatenated forward; loss = mean over the batch of dpo_loss,
+    plus a.sft_weight * (per-token NLL of the chosen side) -- the optional SFT term (alpha, default 0) that
+    some DPO recipes add to keep log pi(y_w) from falling while the margin grows.
+    Control: the mean per-token NLL of the golden codes (lm_loss), same steps, same examples per step.
+    Dropout is off (policy.eval()): with it on, pi != pi_ref at step 0 and the rewards start as noise."""
+    dev = policy.head.weight.device
+    policy.eval()
+    opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16")
+    g = torch.Generator().manual_seed(a.seed)
+    queue = []
+    for step in tqdm(range(1, a.steps + 1), desc="control (SFT)" if a.control else "DPO", disable=log is None):
+        while len(queue) < a.batch_size:  # epochs over idx, each in a fresh order
+            queue += torch.randperm(len(idx), generator=g).tolist()
+        take, queue = queue[:a.batch_size], queue[a.batch_size:]
+        batch = [idx[t] for t in take]
+        for group in opt.param_groups:
+            group["lr"] = a.lr * min(1.0, step / max(1, a.warmup))
+        rec = {"step": step, "lr": opt.param_groups[0]["lr"]}
+        with autocast:
+            if a.control:
+                loss = lm_loss(policy, policy.batch(golden_examples(pairs, batch), device=dev))
+            else:
+                logps, n = ar_logps(policy, pair_examples(pairs, batch, "chosen") + pair_examples(pairs, batch, "rejected"), dev)
+                (pc, pr), (nc, nr) = logps.split(len(batch)), n.split(len(batch))
+                rc, rr = ref["chosen"][take].to(dev), ref["rejected"][take].to(dev)
+                if a.loss_type == "ipo":  # IPO works on length-averaged log-probs
+                    pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
+                losses, r_c, r_r = dpo_loss(pc, pr, rc, rr, a.beta, a.label_smoothing, a.loss_type)
+                loss = losses.mean()
+                if a.sft_weight:
+                    loss = loss + a.sft_weight * (-logps[:len(batch)] / nc).mean()
+                rec |= {"rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
+                        "rewards/accuracies": (r_c > r_r).float().mean().item(),
+                        "rewards/margins": (r_c - r_r).mean().item(),
+                        "logps/chosen": logps[:len(batch)].mean().item(), "logps/rejected": logps[len(batch):].mean().item(),
+                        "lengths/chosen": nc.float().mean().item(), "lengths/rejected": nr.float().mean().item()}
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        rec |= {"loss": loss.item(), "grad_norm": torch.nn.utils.clip_grad_norm_(policy.parameters(), a.grad_clip).item()}
+        opt.step()
+        if log is not None:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+    policy.eval()
+
+
+@torch.no_grad()
+def pair_metrics(policy, pairs, idx, ref, a):
+    """Rewards of the current policy on pairs `idx` against the round's reference: what DPO moved."""
+    now = reference_logps(policy, pairs, idx, a.batch_size, policy.head.weight.device)
+    _, r_c, r_r = dpo_loss(now["chosen"], now["rejected"], ref["chosen"], ref["rejected"], a.beta)
+    return {"rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
+            "rewards/margins": (r_c - r_r).mean().item(), "rewards/accuracies": (r_c > r_r).float().mean().item(),
+            "logps/chosen": now["chosen"].mean().item(), "logps/rejected": now["rejected"].mean().item()}
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 3.4 The iterative loop. Round t: load AR_t (the SFT model for t = 1), sample fresh pairs from it, make it the
+# frozen reference (its log-probs, precomputed), train, save AR_{t+1} = OUT/round{t}/ar.pt with the round's
+# pairs.pt, log.jsonl and metrics.json. A round whose ar.pt and metrics.json exist is done and not redone.
+
+@dataclass
+class AlignArgs:
+    init: str = field(default="data/toy/sft_ar.pt", metadata={"help": "pretrained AR checkpoint: AR_1 (train_codec_lm.py)"})
+    train: str = field(default="data/toy/train_subset.pt", metadata={"help": "tokenised corpus the pairs come from"})
+    out: str = field(default="runs/toy/align", metadata={"help": "run folder: one round{t}/ folder per round"})
+    rounds: int = field(default=3, metadata={"help": "rounds of sampling + DPO (the paper ran 3)"})
+    control: bool = field(default=False, metadata={"help": "the paper's control: continued SFT on the golden "
+                                                             "codes, same steps and examples per step, no sampling"})
+    n_utts: int = field(default=1000, metadata={"help": "training utterances x per round (the first n of --train)"})
+    k: int = field(default=2, metadata={"help": "rejected samples per utterance"})
+    prompt_seconds: float = field(default=3.0, metadata={"help": "cross-sentence acoustic prompt length"})
+    temperature: float = field(default=SAMPLING["temperature"], metadata={"help": "sampling of rejected codes"})
+    top_k: int = field(default=SAMPLING["top_k"], metadata={"help": "sampling of rejected codes (0: no top-k)"})
+    max_ratio: float = field(default=SAMPLING["max_ratio"], metadata={"help": "sample length limit, frames per text token"})
+    beta: float = field(default=0.1, metadata={"help": "DPO beta: strength of the pull towards the reference"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO epsilon"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo"})
+    sft_weight: float = field(default=0.0, metadata={"help": "alpha: weight of an SFT term on the chosen side"})
+    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate (after a linear warmup)"})
+    warmup: int = field(default=10, metadata={"help": "warmup steps"})
+    steps: int = field(default=100, metadata={"help": "optimizer steps per round"})
+    batch_size: int = field(default=16, metadata={"help": "pairs per step (control: golden utterances per step)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
+    sample_batch: int = field(default=64, metadata={"help": "sequences per KV-cache sampling batch"})
+    precision: str = field(default="fp32", metadata={"help": "fp32 or bf16 (autocast; log-probs stay fp32)"})
+    threads: int = field(default=2, metadata={"help": "CPU threads"})
+    seed: int = field(default=0, metadata={"help": "seeds prompts, sampling and batch order"})
+
+
+def parse_args(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description="SpeechAlign: iterative DPO of the AR on golden-vs-synthetic pairs.")
+    for f in fields(AlignArgs):
+        if f.type is bool:
+            ap.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+        else:
+            ap.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f"{f.metadata['help']} ({f.default})")
+    return AlignArgs(**vars(ap.parse_args(argv)))
+
+
+def check_same(what, path, stored, expected):
+    """Refuse a file made with other settings, saying which ones differ."""
+    diff = {k: (stored.get(k), v) for k, v in expected.items() if stored.get(k) != v}
+    if diff:
+        lines = "; ".join(f"{k}: file has {s!r}, this run has {e!r}" for k, (s, e) in diff.items())
+        raise ValueError(f"{path}: {what} made with other settings ({lines}). Delete it or choose another --out.")
+
+
+def align(a):
+    """Run the rounds (DPO, or the control); returns the list of per-round metrics."""
+    torch.set_num_threads(a.threads)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    from codec import load_corpus
+
+    corpus = load_corpus(a.train)
+    policy, tok, ckpt = load_model(a.init, "ar", dev)
+    if ckpt["codec"]["name"] != corpus["codec"]["name"]:
+        raise ValueError(f"{a.init} was trained on codec {ckpt['codec']['name']}, but {a.train} is tokenised with "
+                         f"{corpus['codec']['name']}")
+    examples = make_examples(corpus, tok, a.prompt_seconds, seed=a.seed, frame_rate=corpus["codec"]["frame_rate"])[:a.n_utts]
+    sampling = dict(temperature=a.temperature, top_k=a.top_k or None, top_p=None, max_ratio=a.max_ratio)
+    history = []
+    for t in range(1, a.rounds + 1):
+        folder = os.path.join(a.out, f"round{t}")
+        out_ckpt, metrics_path = os.path.join(folder, "ar.pt"), os.path.join(folder, "metrics.json")
+        if os.path.exists(out_ckpt) and os.path.exists(metrics_path):  # finished: AR_{t+1} is the next policy
+            policy, _, done = load_model(out_ckpt, "ar", dev)
+            check_same("round checkpoint", out_ckpt, done["args"], {k: v for k, v in asdict(a).items()
+                                                                    if k not in ("rounds", "threads", "sample_batch")})
+            with open(metrics_path) as f:
+                history.append(json.load(f))
+            print(f"round {t}: done before, loaded {out_ckpt}")
+            continue
+        os.makedirs(folder, exist_ok=True)
+        meta = dict(codec=corpus["codec"]["name"], config=asdict(policy.cfg), tokenizer=tok.symbols, train=a.train,
+                    n_utts=len(examples), k=0 if a.control else a.k, sampling=sampling, seed=a.seed, round=t,
+                    prompt_seconds=a.prompt_seconds)
+        pairs_path = os.path.join(folder, "pairs.pt")
+        if os.path.exists(pairs_path):  # sampled before this round was interrupted
+            pairs = torch.load(pairs_path, weights_only=True)
+            check_same("pairs", pairs_path, pairs["meta"], meta)
+        else:
+            pairs = make_pairs(policy, examples, meta["k"], sampling, a.sample_batch, seed=a.seed * 1000 + t, progress=True)
+            pairs["meta"] = meta
+        if a.control:
+            idx, ref = list(range(len(examples))), None
+        else:
+            idx = usable_pairs(pairs)
+            if not idx:
+                raise ValueError(f"round {t}: none of the {len(pairs['rejected'])} sampled pairs is usable (every "
+                                 f"sample was empty or equal to its golden codes); nothing for DPO to learn from")
+            # pi_ref = AR_t: frozen, eval mode, no grad; only its log-probs are needed, so keep those
+            ref = reference_logps(copy.deepcopy(policy), pairs, idx, a.batch_size, dev)
+            pairs["reference"] = ref | {"idx": torch.tensor(idx)}
+            before = pair_metrics(policy, pairs, idx, ref, a)
+        save_checkpoint(pairs_path, **pairs)
+        t0 = time.time()
+        with open(os.path.join(folder, "log.jsonl"), "w") as log:
+            train_round(policy, pairs, idx, ref, a, log)
+        metrics = dict(round=t, control=a.control, pairs=pairs["stats"], usable_pairs=len(idx),
+                       train_seconds=round(time.time() - t0, 1), args=asdict(a))
+        if not a.control:
+            metrics |= {"before": before, "after": pair_metrics(policy, pairs, idx, ref, a)}
+        save_checkpoint(out_ckpt, kind="ar", config=asdict(policy.cfg), step=ckpt["step"], model=policy.state_dict(),
+                        tokenizer={"symbols": tok.symbols, "kind": tok.kind}, codec=ckpt["codec"], round=t,
+                        args=asdict(a))
+        with open(metrics_path + ".tmp", "w") as f:
+            json.dump(metrics, f, indent=1)
+        os.replace(metrics_path + ".tmp", metrics_path)
+        history.append(metrics)
+        if not a.control:
+            m = metrics["after"]
+            print(f"round {t}: margin {metrics['before']['rewards/margins']:+.3f} -> {m['rewards/margins']:+.3f}, "
+                  f"accuracy {m['rewards/accuracies']:.3f}, logps chosen {m['logps/chosen']:.1f} "
+                  f"rejected {m['logps/rejected']:.1f}")
+    return history
+
+
+if __name__ == "__main__":
+    align(parse_args())

@@ -47,6 +47,11 @@ def get_args(argv=None):
     ap.add_argument("--eval_every", type=int, default=500)
     ap.add_argument("--eval_utts", type=int, default=128)
     ap.add_argument("--ckpt_every", type=int, default=250)
+    ap.add_argument("--snapshot_every", type=int, default=0,
+                    help="also keep the weights every N steps as <out>.stepN.pt (for a curve of WER against steps)")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="auto: bf16 autocast on CUDA, fp32 on the CPU. bf16 on a CPU with AVX512-BF16 ran the "
+                         "toy AR step 1.8x faster here; master weights and log-probs stay fp32 either way")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per process")
     ap.add_argument("--resume", action="store_true")
@@ -163,13 +168,17 @@ def main(argv=None):
         with open(log_path, "w") as f:
             f.writelines(kept)
     log = open(log_path, "a" if ckpt else "w") if master else None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if "cuda" in str(device) else torch.autocast("cpu", enabled=False)
+    on_cuda = "cuda" in str(device)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and on_cuda)
+    autocast = torch.autocast("cuda" if on_cuda else "cpu", dtype=torch.bfloat16, enabled=bf16)
 
-    def checkpoint():
-        save_checkpoint(args.out, kind=args.model, config=asdict(cfg), step=step, model=model.state_dict(),
-                        optimizer=opt.state_dict(), rng=torch.get_rng_state(), args=vars(args),
-                        **({"cuda_rng": torch.cuda.get_rng_state(device)} if "cuda" in str(device) else {}),
-                        tokenizer={"symbols": tok.symbols, "kind": tok.kind}, codec=train["codec"])
+    def checkpoint(path=args.out, full=True):
+        state = dict(kind=args.model, config=asdict(cfg), step=step, model=model.state_dict(), args=vars(args),
+                     tokenizer={"symbols": tok.symbols, "kind": tok.kind}, codec=train["codec"])
+        if full:  # what --resume needs on top of the weights
+            state |= dict(optimizer=opt.state_dict(), rng=torch.get_rng_state(),
+                          **({"cuda_rng": torch.cuda.get_rng_state(device)} if on_cuda else {}))
+        save_checkpoint(path, **state)
 
     model.train()
     bar = tqdm(total=args.steps, initial=step, desc=f"train {args.model}", disable=not master)
@@ -198,6 +207,8 @@ def main(argv=None):
             bar.update(1)
             if step % args.ckpt_every == 0 or step == args.steps:
                 checkpoint()
+            if args.snapshot_every and step % args.snapshot_every == 0:
+                checkpoint(f"{args.out.removesuffix('.pt')}.step{step}.pt", full=False)
         if args.stop_after is not None and step >= args.stop_after:
             break
     if master and step % args.ckpt_every and step != args.steps:

@@ -1,0 +1,293 @@
+"""Tests of SpeechAlign's core (speechalign.py, part 2): dpo_loss against its formulas worked by hand in plain
+Python floats, the pair log-probs against a forward of each sequence alone, DPO's effect on a tiny model, and
+the iterative loop (reference per round, resume, control, refusals) on a tiny checkpoint and the shipped
+test_seen corpus.
+"""
+import json
+import math
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+import speechalign as sa
+from codec import load_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "data/toy/test_seen.pt"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# dpo_loss against its formulas
+
+PC, PR, RC, RR = [-10.0, -3.0, -7.5], [-12.0, -2.0, -7.0], [-11.0, -2.5, -8.0], [-11.5, -2.5, -6.0]
+
+
+def as_tensors(*lists):
+    return [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in lists]
+
+
+def test_dpo_loss_rewards_and_gradients_by_hand():
+    beta = 0.5
+    pc, pr, rc, rr = as_tensors(PC, PR, RC, RR)
+    losses, r_c, r_r = sa.dpo_loss(pc, pr, rc, rr, beta=beta)
+    losses.sum().backward()
+    for i in range(3):
+        h = (PC[i] - RC[i]) - (PR[i] - RR[i])
+        assert losses[i].item() == pytest.approx(-math.log(sigmoid(beta * h)), rel=1e-6)
+        assert r_c[i].item() == pytest.approx(beta * (PC[i] - RC[i]), rel=1e-6)
+        assert r_r[i].item() == pytest.approx(beta * (PR[i] - RR[i]), rel=1e-6)
+        # d/dpc of -log sigma(beta h) = -beta (1 - sigma(beta h)); the rejected side gets the opposite sign
+        assert pc.grad[i].item() == pytest.approx(-beta * (1 - sigmoid(beta * h)), rel=1e-5)
+        assert pr.grad[i].item() == pytest.approx(beta * (1 - sigmoid(beta * h)), rel=1e-5)
+    assert not r_c.requires_grad and not r_r.requires_grad  # rewards are reported, never trained on
+
+
+def test_conservative_dpo_and_ipo_by_hand():
+    beta, eps = 0.2, 0.1
+    losses, _, _ = sa.dpo_loss(*as_tensors(PC, PR, RC, RR), beta=beta, label_smoothing=eps)
+    ipo, _, _ = sa.dpo_loss(*as_tensors(PC, PR, RC, RR), beta=beta, loss_type="ipo")
+    for i in range(3):
+        h = (PC[i] - RC[i]) - (PR[i] - RR[i])
+        smooth = -(1 - eps) * math.log(sigmoid(beta * h)) - eps * math.log(sigmoid(-beta * h))
+        assert losses[i].item() == pytest.approx(smooth, rel=1e-6)
+        assert ipo[i].item() == pytest.approx((h - 1 / (2 * beta)) ** 2, rel=1e-6)
+    with pytest.raises(ValueError, match="loss_type"):
+        sa.dpo_loss(*as_tensors(PC, PR, RC, RR), loss_type="kto")
+
+
+def test_dpo_loss_is_stable_and_fp32_for_large_margins():
+    pc = torch.tensor([0.0, 0.0], dtype=torch.bfloat16)
+    pr = torch.tensor([-4096.0, 4096.0], dtype=torch.bfloat16)  # exact in bf16
+    losses, _, _ = sa.dpo_loss(pc, pr, torch.zeros(2), torch.zeros(2), beta=1.0)
+    assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
+    assert losses[0].item() == pytest.approx(0.0, abs=1e-6)  # log(1 + e^-4096), not log(0)
+    assert losses[1].item() == pytest.approx(4096.0, rel=1e-6)  # log(1 + e^4096) = 4096, not inf
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Pairs and their log-probs on a tiny AR
+
+CARD = (40, 16)
+
+
+def tiny_ar(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = sa.LMConfig(**(dict(n_text=12, card=CARD, d_model=32, n_layer=2, n_head=2, dropout=0.1, max_text=32,
+                              max_audio=96) | kw))
+    return sa.AR(cfg).eval()
+
+
+def random_pairs(n, k=1, seed=0):
+    """A pairs dict as make_pairs writes it, with random texts, prompts, golden and rejected codes."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))
+    texts = [torch.randint(1, 12, (rand(3, 8),), generator=g).tolist() for _ in range(n)]
+    prompts = [torch.randint(0, CARD[0], (1, rand(2, 6)), generator=g) for _ in range(n)]
+    chosen = [torch.randint(0, CARD[0], (rand(4, 12),), generator=g) for _ in range(n)]
+    rejected = [torch.randint(0, CARD[0], (rand(2, 14),), generator=g) for _ in range(n * k)]
+    return dict(texts=texts, prompts=prompts, chosen=chosen, rejected=rejected,
+                pair_utt=[i for i in range(n) for _ in range(k)])
+
+
+def logps_alone(model, text, prompt, y):
+    """log p(y, EOS | text, prompt) from a forward of this one unpadded sequence, summed by hand."""
+    ex = [(text, prompt, y.view(1, -1))]
+    b = model.batch(ex)
+    logp = model(**b)[0].double().log_softmax(-1)
+    start = len(text) + prompt.shape[1] - 1  # the last prompt position predicts y[0]
+    targets = y.tolist() + [model.eos]
+    return sum(logp[start + t, c].item() for t, c in enumerate(targets))
+
+
+def test_pair_logps_score_target_and_eos_only_and_ignore_padding():
+    model, pairs = tiny_ar(), random_pairs(5)
+    for side in ("chosen", "rejected"):
+        ex = sa.pair_examples(pairs, range(5), side)
+        with torch.no_grad():
+            logps, n = sa.ar_logps(model, ex)
+        for j, (text, prompt, y) in enumerate(ex):
+            assert n[j].item() == y.shape[1] + 1  # every target code and EOS, nothing of text or prompt
+            assert logps[j].item() == pytest.approx(logps_alone(model, text, prompt, y[0]), abs=1e-4)
+    # the same pair padded to different lengths (alone, or beside a longer one) gives the same loss
+    idx_alone, idx_padded = [0], [0, int(max(range(5), key=lambda j: len(pairs["rejected"][j])))]
+    ref = {"chosen": torch.tensor([-50.0, -60.0]), "rejected": torch.tensor([-40.0, -45.0])}
+    out = []
+    for idx in (idx_alone, idx_padded):
+        with torch.no_grad():
+            pc, _ = sa.ar_logps(model, sa.pair_examples(pairs, idx, "chosen"))
+            pr, _ = sa.ar_logps(model, sa.pair_examples(pairs, idx, "rejected"))
+        out.append(sa.dpo_loss(pc, pr, ref["chosen"][:len(idx)], ref["rejected"][:len(idx)])[0][0])
+    assert out[0].item() == pytest.approx(out[1].item(), abs=1e-5)
+
+
+def test_policy_equal_to_reference_gives_log2_zero_rewards_and_a_gradient():
+    model, pairs = tiny_ar(), random_pairs(4)
+    ref = sa.reference_logps(tiny_ar(), pairs, list(range(4)))  # a second model built with the same seed
+    logps, _ = sa.ar_logps(model, sa.pair_examples(pairs, range(4), "chosen") + sa.pair_examples(pairs, range(4), "rejected"))
+    losses, r_c, r_r = sa.dpo_loss(logps[:4], logps[4:], ref["chosen"], ref["rejected"])
+    torch.testing.assert_close(losses, torch.full((4,), math.log(2)), atol=1e-5, rtol=0)
+    assert r_c.abs().max() < 1e-5 and r_r.abs().max() < 1e-5
+    losses.mean().backward()
+    assert sum(p.grad.norm() for p in model.parameters() if p.grad is not None) > 0
+
+
+def test_one_step_raises_chosen_and_lowers_rejected():
+    model, pairs = tiny_ar(), random_pairs(4)
+    idx = list(range(4))
+    ref = sa.reference_logps(model, pairs, idx)
+    logps, _ = sa.ar_logps(model, sa.pair_examples(pairs, idx, "chosen") + sa.pair_examples(pairs, idx, "rejected"))
+    sa.dpo_loss(logps[:4], logps[4:], ref["chosen"], ref["rejected"])[0].mean().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 1e-2 * p.grad
+    after = sa.reference_logps(model, pairs, idx)
+    assert (after["chosen"] > ref["chosen"]).all()
+    assert (after["rejected"] < ref["rejected"]).all()
+
+
+def test_a_few_dpo_steps_raise_margin_and_accuracy():
+    model, pairs = tiny_ar(), random_pairs(8, k=2)
+    idx = sa.usable_pairs(pairs)
+    assert idx == list(range(16))
+    ref = sa.reference_logps(model, pairs, idx)
+    a = sa.AlignArgs(steps=15, batch_size=8, lr=3e-3, warmup=1)
+    before = sa.pair_metrics(model, pairs, idx, ref, a)
+    assert before["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    sa.train_round(model, pairs, idx, ref, a)
+    after = sa.pair_metrics(model, pairs, idx, ref, a)
+    assert after["rewards/margins"] > 1.0 and after["rewards/accuracies"] > 0.9
+    assert not model.training  # dropout stays off
+
+
+def test_usable_pairs_drops_empty_and_golden_copies():
+    pairs = random_pairs(3)
+    pairs["rejected"][0] = torch.zeros(0, dtype=torch.long)
+    pairs["rejected"][2] = pairs["chosen"][2].clone()
+    assert sa.usable_pairs(pairs) == [1]
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The loop on a tiny checkpoint
+
+@pytest.fixture(scope="module")
+def init_ckpt(tmp_path_factory):
+    corpus = load_corpus(CORPUS)
+    tok = sa.TextTokenizer.build(corpus["phonemes"])
+    torch.manual_seed(0)
+    cfg = sa.LMConfig(n_text=len(tok.symbols), card=tuple(corpus["codec"]["card"]), d_model=32, n_layer=1,
+                      n_head=2, dropout=0.1)
+    path = tmp_path_factory.mktemp("init") / "ar.pt"
+    sa.save_checkpoint(path, kind="ar", config=asdict(cfg), step=0, model=sa.AR(cfg).state_dict(), codec=corpus["codec"],
+                       tokenizer={"symbols": tok.symbols, "kind": tok.kind})
+    return str(path)
+
+
+def args(init, out, *extra):
+    return sa.parse_args(["--init", init, "--train", str(CORPUS), "--out", str(out), "--n_utts", "6", "--k", "2",
+                          "--steps", "4", "--batch_size", "4", "--max_ratio", "1.0", "--lr", "1e-3", "--warmup", "1",
+                          "--threads", "1", *extra])
+
+
+def independent_logps(ckpt_path, pairs, side):
+    """Log-probs of one side of every usable pair under a checkpoint, one unpadded sequence at a time."""
+    model = sa.load_model(ckpt_path, "ar")[0]
+    ex = sa.pair_examples(pairs, pairs["reference"]["idx"].tolist(), side)
+    with torch.no_grad():
+        return torch.tensor([logps_alone(model, t, p, y[0]) for t, p, y in ex])
+
+
+@pytest.fixture(scope="module")
+def two_rounds(init_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("align")
+    return out, sa.align(args(init_ckpt, out, "--rounds", "2"))
+
+
+def test_reference_is_the_round_start_model_and_is_replaced_between_rounds(init_ckpt, two_rounds):
+    out, history = two_rounds
+    p1 = torch.load(out / "round1/pairs.pt", weights_only=True)
+    p2 = torch.load(out / "round2/pairs.pt", weights_only=True)
+    for side in ("chosen", "rejected"):
+        # round 1's reference is AR_1 (the init), although the policy trained on after it was computed ...
+        torch.testing.assert_close(p1["reference"][side], independent_logps(init_ckpt, p1, side), atol=1e-3, rtol=0)
+        # ... and round 2's is AR_2, the model round 1 produced
+        torch.testing.assert_close(p2["reference"][side], independent_logps(out / "round1/ar.pt", p2, side),
+                                   atol=1e-3, rtol=0)
+    w0 = torch.load(init_ckpt, weights_only=True)["model"]["head.weight"]
+    w1 = torch.load(out / "round1/ar.pt", weights_only=True)["model"]["head.weight"]
+    w2 = torch.load(out / "round2/ar.pt", weights_only=True)["model"]["head.weight"]
+    assert not torch.equal(w0, w1) and not torch.equal(w1, w2)
+    for m in history:  # each round starts at margin 0 (policy == its reference) and DPO moves it up
+        assert m["before"]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+        assert m["after"]["rewards/margins"] > 0
+    log = [json.loads(line) for line in open(out / "round2/log.jsonl")]
+    assert len(log) == 4 and {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                              "logps/chosen", "logps/rejected", "lengths/chosen", "lengths/rejected"} <= set(log[0])
+    assert p1["stats"]["n_pairs"] == 12 and 0 <= p1["stats"]["hit_limit_share"] <= 1
+    assert len(p1["rejected"]) == 12 and not torch.equal(p1["rejected"][0], p2["rejected"][0])  # fresh samples
+
+
+def test_finished_rounds_are_not_redone_and_other_settings_are_refused(init_ckpt, two_rounds, tmp_path):
+    out, history = two_rounds
+    stamp = (out / "round1/ar.pt").stat().st_mtime_ns
+    again = sa.align(args(init_ckpt, out, "--rounds", "2"))
+    assert again == history and (out / "round1/ar.pt").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match=r"round1/ar.pt.*beta: file has 0.1, this run has 0.3"):
+        sa.align(args(init_ckpt, out, "--rounds", "2", "--beta", "0.3"))
+    # an interrupted round keeps its pairs file; one made with other settings is refused, naming them
+    import shutil
+    shutil.copytree(out / "round1", tmp_path / "round1")
+    (tmp_path / "round1/ar.pt").unlink()
+    with pytest.raises(ValueError, match=r"pairs.pt: pairs made with other settings \(k: file has 2, this run has 3"):
+        sa.align(args(init_ckpt, tmp_path, "--rounds", "1", "--k", "3"))
+
+
+def test_control_trains_on_golden_codes_with_the_same_budget(init_ckpt, tmp_path):
+    history = sa.align(args(init_ckpt, tmp_path, "--rounds", "1", "--control"))
+    log = [json.loads(line) for line in open(tmp_path / "round1/log.jsonl")]
+    assert len(log) == 4 and "rewards/margins" not in log[0]
+    assert history[0]["pairs"]["n_pairs"] == 0  # nothing was sampled
+    model = sa.load_model(tmp_path / "round1/ar.pt", "ar")[0]
+    init = sa.load_model(init_ckpt, "ar")[0]
+    assert not torch.equal(model.head.weight, init.head.weight)
+
+
+def test_bad_inputs_are_refused(init_ckpt, tmp_path, monkeypatch):
+    ck = torch.load(init_ckpt, weights_only=True)
+    ck["codec"] = ck["codec"] | {"name": "encodec24k-8x1024"}
+    other = tmp_path / "other_codec.pt"
+    sa.save_checkpoint(other, **ck)
+    with pytest.raises(ValueError, match="encodec24k-8x1024.*melrvq"):
+        sa.align(args(str(other), tmp_path / "a"))
+    # a sampler that only ever emits EOS leaves no usable pair: an error, not a silent no-op
+    monkeypatch.setattr(sa.AR, "generate", lambda self, texts, prompts, **kw: (
+        [torch.zeros(0, dtype=torch.long) for _ in texts], torch.zeros(len(texts), dtype=torch.bool)))
+    with pytest.raises(ValueError, match="none of the 12 sampled pairs is usable"):
+        sa.align(args(init_ckpt, tmp_path / "b"))
+
+
+def test_command_line_runs_and_resumes(init_ckpt, tmp_path):
+    cmd = [sys.executable, str(REPO / "speechalign.py"), "--init", init_ckpt, "--train", str(CORPUS), "--out",
+           str(tmp_path), "--rounds", "1", "--n_utts", "4", "--k", "1", "--steps", "2", "--batch_size", "2",
+           "--max_ratio", "0.5", "--threads", "1"]
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "round 1: margin +0.000 ->" in first.stdout
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "round 1: done before" in second.stdout
