@@ -481,3 +481,23 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log) and "val_loss" in log[-1]
     model, _, _ = load_model(out, "ar")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_snapshots_and_bf16_autocast(tmp_path):
+    """--snapshot_every keeps loadable weights of those steps (no optimizer); --precision bf16 trains on the CPU
+    with fp32 master weights and a finite loss close to the fp32 run's."""
+    out = tmp_path / "ar.pt"
+    train(out, "--snapshot_every", "3", "--precision", "bf16", steps=6)
+    snaps = sorted(tmp_path.glob("ar.step*.pt"))
+    assert [p.name for p in snaps] == ["ar.step3.pt", "ar.step6.pt"]
+    snap = torch.load(snaps[0], weights_only=True)
+    assert snap["step"] == 3 and "optimizer" not in snap and snap["kind"] == "ar"
+    model, _, _ = load_model(snaps[1], "ar")
+    final = torch.load(out, weights_only=True)["model"]
+    assert all(torch.equal(v, final[k]) for k, v in model.state_dict().items())  # step 6 = the final weights
+    assert all(v.dtype == torch.float32 for v in final.values() if v.is_floating_point())
+    fp32 = tmp_path / "fp32" / "ar.pt"
+    fp32.parent.mkdir()
+    train(fp32, steps=6)
+    a, b = read_log(out), read_log(fp32)
+    assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=0.02) and a[0]["loss"] != b[0]["loss"]
