@@ -9,11 +9,20 @@ Part 1, the codec LM (the paper's section 2 and VALL-E):
     training, DPO and evaluation all read;
   - sampling: batched AR generation with a KV cache, greedy NAR decoding, codes -> waveform.
 
+Part 2, SpeechAlign (the paper's section 3):
+  - pairs: chosen = golden layer-1 codes, rejected = K samples of the current AR for the same text and prompt;
+  - dpo_loss (DPO, conservative DPO, IPO) and a DPO round against a frozen copy of the AR;
+  - the iterative loop (round t samples from AR_t and uses it as the reference) and the paper's control,
+    continued supervised training on the same golden codes at the same budget.
+
+    python speechalign.py --init data/toy/sft_ar.pt --out runs/toy/align             # 3 rounds of DPO
+    python speechalign.py --init data/toy/sft_ar.pt --out runs/toy/control --control  # the control
+
 Everything runs on one GPU or the CPU. `train_codec_lm.py` pretrains the two models; `eval.py` judges them.
 """
+import argparse
 import copy
 import json
-import math
 import os
 import random
 import time
@@ -23,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from codec import load_corpus
 
 # -----------------------------------------------------------------------------------------------------------
 # Text tokenizer. Phonemes are the default: at toy scale design.md's prototype could not learn how letters
@@ -615,8 +626,6 @@ class AlignArgs:
 
 
 def parse_args(argv=None):
-    import argparse
-
     ap = argparse.ArgumentParser(description="SpeechAlign: iterative DPO of the AR on golden-vs-synthetic pairs.")
     for f in fields(AlignArgs):
         if f.type is bool:
@@ -638,8 +647,6 @@ def align(a):
     """Run the rounds (DPO, or the control); returns the list of per-round metrics."""
     torch.set_num_threads(a.threads)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    from codec import load_corpus
-
     corpus = load_corpus(a.train)
     policy, tok, ckpt = load_model(a.init, "ar", dev)
     if ckpt["codec"]["name"] != corpus["codec"]["name"]:
