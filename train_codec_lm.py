@@ -55,6 +55,9 @@ def get_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per process")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--export", metavar="PATH", default=None,
+                    help="when the run has reached --steps, also write the shipped form to PATH: the weights in bf16, "
+                         "no optimizer (half the size; data/toy/sft_{ar,nar}.pt are made so)")
     ap.add_argument("--stop_after", type=int, default=None, help="exit after this step (for tests)")
     return ap.parse_args(argv)
 
@@ -172,8 +175,9 @@ def main(argv=None):
     bf16 = args.precision == "bf16" or (args.precision == "auto" and on_cuda)
     autocast = torch.autocast("cuda" if on_cuda else "cpu", dtype=torch.bfloat16, enabled=bf16)
 
-    def checkpoint(path=args.out, full=True):
-        state = dict(kind=args.model, config=asdict(cfg), step=step, model=model.state_dict(), args=vars(args),
+    def checkpoint(path=args.out, full=True, dtype=None):
+        weights = {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in model.state_dict().items()}
+        state = dict(kind=args.model, config=asdict(cfg), step=step, model=weights, args=vars(args),
                      tokenizer={"symbols": tok.symbols, "kind": tok.kind}, codec=train["codec"])
         if full:  # what --resume needs on top of the weights
             state |= dict(optimizer=opt.state_dict(), rng=torch.get_rng_state(),
@@ -213,6 +217,8 @@ def main(argv=None):
             break
     if master and step % args.ckpt_every and step != args.steps:
         checkpoint()
+    if master and args.export and step == args.steps:
+        checkpoint(args.export, full=False, dtype=torch.bfloat16)
     bar.close()
     if ddp:
         dist.destroy_process_group()

@@ -501,3 +501,22 @@ def test_snapshots_and_bf16_autocast(tmp_path):
     train(fp32, steps=6)
     a, b = read_log(out), read_log(fp32)
     assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=0.02) and a[0]["loss"] != b[0]["loss"]
+
+
+def test_export_writes_bf16_weights_that_load(ar_run, tmp_path):
+    """--export on a finished run (--resume with nothing left to train) writes the shipped form: bf16 weights,
+    no optimizer, loadable by load_model into an fp32 model whose outputs match the fp32 one's closely."""
+    out = tmp_path / "ar.pt"
+    out.write_bytes(ar_run.read_bytes())
+    train(out, "--resume", "--export", str(tmp_path / "shipped.pt"))
+    shipped = torch.load(tmp_path / "shipped.pt", weights_only=True)
+    assert "optimizer" not in shipped and shipped["step"] == 8
+    assert all(v.dtype == torch.bfloat16 for v in shipped["model"].values() if v.is_floating_point())
+    full, _, _ = load_model(ar_run, "ar")
+    small, tok, _ = load_model(tmp_path / "shipped.pt", "ar")
+    assert next(small.parameters()).dtype == torch.float32
+    ex = [(tok.encode("D @2 | k w 'I k"), torch.randint(0, 1024, (8, 6)), torch.randint(0, 1024, (1, 5)))]
+    with torch.no_grad():
+        a, b = full(**full.batch(ex)), small(**small.batch(ex))
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(a, b, atol=0.05, rtol=0.05)
