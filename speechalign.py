@@ -519,12 +519,12 @@ def ar_logps(model, examples, device="cpu"):
 
 
 @torch.no_grad()
-def reference_logps(reference, pairs, idx, batch_size=32, device="cpu"):
+def reference_logps(reference, pairs, idx, batch_size=32, device="cpu", desc=None):
     """The frozen reference's log-probs of both sides of pairs `idx`, computed once per round (the reference
     never changes within a round, so there is nothing to gain from running it at every step)."""
     reference.eval()
     out = {"chosen": [], "rejected": []}
-    for s in range(0, len(idx), batch_size):
+    for s in tqdm(range(0, len(idx), batch_size), desc=desc, disable=desc is None):
         chunk = idx[s:s + batch_size]
         for side in out:
             out[side].append(ar_logps(reference, pair_examples(pairs, chunk, side), device)[0].cpu())
@@ -582,9 +582,9 @@ def train_round(policy, pairs, idx, ref, a, log=None):
 
 
 @torch.no_grad()
-def pair_metrics(policy, pairs, idx, ref, a):
+def pair_metrics(policy, pairs, idx, ref, a, desc=None):
     """Rewards of the current policy on pairs `idx` against the round's reference: what DPO moved."""
-    now = reference_logps(policy, pairs, idx, a.batch_size, policy.head.weight.device)
+    now = reference_logps(policy, pairs, idx, a.batch_size, policy.head.weight.device, desc)
     _, r_c, r_r = dpo_loss(now["chosen"], now["rejected"], ref["chosen"], ref["rejected"], a.beta)
     return {"rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
             "rewards/margins": (r_c - r_r).mean().item(), "rewards/accuracies": (r_c > r_r).float().mean().item(),
@@ -685,9 +685,9 @@ def align(a):
                 raise ValueError(f"round {t}: none of the {len(pairs['rejected'])} sampled pairs is usable (every "
                                  f"sample was empty or equal to its golden codes); nothing for DPO to learn from")
             # pi_ref = AR_t: frozen, eval mode, no grad; only its log-probs are needed, so keep those
-            ref = reference_logps(copy.deepcopy(policy), pairs, idx, a.batch_size, dev)
+            ref = reference_logps(copy.deepcopy(policy), pairs, idx, a.batch_size, dev, desc="reference log-probs")
             pairs["reference"] = ref | {"idx": torch.tensor(idx)}
-            before = pair_metrics(policy, pairs, idx, ref, a)
+            before = pair_metrics(policy, pairs, idx, ref, a, desc="rewards before")
         save_checkpoint(pairs_path, **pairs)
         t0 = time.time()
         with open(os.path.join(folder, "log.jsonl"), "w") as log:
@@ -695,7 +695,7 @@ def align(a):
         metrics = dict(round=t, control=a.control, pairs=pairs["stats"], usable_pairs=len(idx),
                        train_seconds=round(time.time() - t0, 1), args=asdict(a))
         if not a.control:
-            metrics |= {"before": before, "after": pair_metrics(policy, pairs, idx, ref, a)}
+            metrics |= {"before": before, "after": pair_metrics(policy, pairs, idx, ref, a, desc="rewards after")}
         save_checkpoint(out_ckpt, kind="ar", config=asdict(policy.cfg), step=ckpt["step"], model=policy.state_dict(),
                         tokenizer={"symbols": tok.symbols, "kind": tok.kind}, codec=ckpt["codec"], round=t,
                         args=asdict(a))
