@@ -15,8 +15,8 @@ Part 2, SpeechAlign (the paper's section 3):
   - the iterative loop (round t samples from AR_t and uses it as the reference) and the paper's control,
     continued supervised training on the same golden codes at the same budget.
 
-    python speechalign.py --init data/toy/sft_ar.pt --out runs/toy/align             # 3 rounds of DPO
-    python speechalign.py --init data/toy/sft_ar.pt --out runs/toy/control --control  # the control
+    python speechalign.py --init data/toy/sft_ar.pt --out runs/toy/align --precision bf16              # 3 DPO rounds
+    python speechalign.py --init data/toy/sft_ar.pt --out runs/toy/control --control --precision bf16  # the control
 
 Everything runs on one GPU or the CPU. `train_codec_lm.py` pretrains the two models; `eval.py` judges them.
 """
@@ -604,7 +604,7 @@ class AlignArgs:
     rounds: int = field(default=3, metadata={"help": "rounds of sampling + DPO (the paper ran 3)"})
     control: bool = field(default=False, metadata={"help": "the paper's control: continued SFT on the golden "
                                                              "codes, same steps and examples per step, no sampling"})
-    n_utts: int = field(default=1000, metadata={"help": "training utterances x per round (the first n of --train)"})
+    n_utts: int = field(default=300, metadata={"help": "training utterances x per round (the first n of --train)"})
     k: int = field(default=2, metadata={"help": "rejected samples per utterance"})
     prompt_seconds: float = field(default=3.0, metadata={"help": "cross-sentence acoustic prompt length"})
     temperature: float = field(default=SAMPLING["temperature"], metadata={"help": "sampling of rejected codes"})
@@ -614,13 +614,14 @@ class AlignArgs:
     label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO epsilon"})
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo"})
     sft_weight: float = field(default=0.0, metadata={"help": "alpha: weight of an SFT term on the chosen side"})
-    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate (after a linear warmup)"})
+    lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate (after a linear warmup)"})
     warmup: int = field(default=10, metadata={"help": "warmup steps"})
-    steps: int = field(default=100, metadata={"help": "optimizer steps per round"})
+    steps: int = field(default=40, metadata={"help": "optimizer steps per round"})
     batch_size: int = field(default=16, metadata={"help": "pairs per step (control: golden utterances per step)"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     sample_batch: int = field(default=64, metadata={"help": "sequences per KV-cache sampling batch"})
-    precision: str = field(default="fp32", metadata={"help": "fp32 or bf16 (autocast; log-probs stay fp32)"})
+    precision: str = field(default="fp32", metadata={"help": "fp32 or bf16 (autocast; log-probs stay fp32; "
+                                                                  "bf16 was ~2x faster on an AVX512-BF16 CPU)"})
     threads: int = field(default=2, metadata={"help": "CPU threads"})
     seed: int = field(default=0, metadata={"help": "seeds prompts, sampling and batch order"})
 
