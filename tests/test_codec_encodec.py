@@ -27,16 +27,6 @@ def noise(seconds, sr=SR, seed=0, channels=None):
     return 0.1 * torch.randn(shape, generator=g)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run these small convolutions on one thread: on a busy 2-core machine, torch's default threads
-    contend and this file took ~25 s instead of ~5 s. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     """EnCodec 24 kHz with random weights and usable codebooks.

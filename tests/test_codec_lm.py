@@ -24,14 +24,6 @@ CARD = (40, 16, 16, 16)  # layer-1 codebook of 40 (+ EOS = 40 for the AR), three
 N_TEXT = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cfg(**kw):
     base = dict(n_text=N_TEXT, card=CARD, d_model=32, n_layer=2, n_head=2, dropout=0.1, max_text=32, max_audio=96)
     return LMConfig(**(base | kw))

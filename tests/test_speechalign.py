@@ -20,14 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data/toy/test_seen.pt"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def sigmoid(x):
     return 1 / (1 + math.exp(-x))
 
