@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from codec import EncodecCodec, MelRVQCodec, as_mono, load_corpus
-from speechalign import SAMPLING, load_model, make_examples, sequence_logps
+from speechalign import SAMPLING, load_model, make_examples, sequence_logps, synthesise
 
 NORMALIZATION = (
     "Text is Unicode-NFKC-normalised and lower-cased, apostrophes are dropped (don't -> dont), "
@@ -235,13 +235,12 @@ def generate(ar, nar, examples, golden_layer1=False, batch_size=32, seed=0, samp
     for k, idx in enumerate(batches if progress is None else progress(batches)):
         texts, prompts = [examples[i][0] for i in idx], [examples[i][1] for i in idx]
         if golden_layer1:
-            layer1, lim = [examples[i][2][0] for i in idx], [False] * len(idx)
+            out, lim = nar.generate(texts, prompts, [examples[i][2][0] for i in idx]), [False] * len(idx)
         else:
             g = torch.Generator(device=ar.head.weight.device).manual_seed(seed * 1_000_003 + k)
-            layer1, lim = ar.generate(texts, prompts, generator=g, **sampling)
-            layer1 = [c if len(c) else torch.zeros(1, dtype=torch.long) for c in layer1]  # immediate EOS
+            out, lim = synthesise(ar, nar, texts, prompts, generator=g, **sampling)
             lim = lim.tolist()
-        for i, c, h in zip(idx, nar.generate(texts, prompts, layer1), lim):
+        for i, c, h in zip(idx, out, lim):
             codes[i], hit[i] = c, bool(h)
     return codes, hit
 
