@@ -21,7 +21,6 @@ Part 2, SpeechAlign (the paper's section 3):
 Everything runs on one GPU or the CPU. `train_codec_lm.py` pretrains the two models; `eval.py` judges them.
 """
 import argparse
-import copy
 import json
 import os
 import random
@@ -441,10 +440,10 @@ def golden_examples(pairs, utts):
 
 def pair_examples(pairs, idx, side):
     """AR examples of pairs `idx`: their utterance's x with the chosen (golden) or the rejected codes."""
+    utts = [pairs["pair_utt"][j] for j in idx]
     if side == "chosen":
-        return golden_examples(pairs, [pairs["pair_utt"][j] for j in idx])
-    return [(pairs["texts"][i], pairs["prompts"][i], pairs["rejected"][j].view(1, -1))
-            for i, j in ((pairs["pair_utt"][j], j) for j in idx)]
+        return golden_examples(pairs, utts)
+    return [(pairs["texts"][i], pairs["prompts"][i], pairs["rejected"][j].view(1, -1)) for i, j in zip(utts, idx)]
 
 
 @torch.no_grad()
@@ -581,11 +580,9 @@ def train_round(policy, pairs, idx, ref, a, log=None):
     policy.eval()
 
 
-@torch.no_grad()
-def pair_metrics(policy, pairs, idx, ref, a, desc=None):
-    """Rewards of the current policy on pairs `idx` against the round's reference: what DPO moved."""
-    now = reference_logps(policy, pairs, idx, a.batch_size, policy.head.weight.device, desc)
-    _, r_c, r_r = dpo_loss(now["chosen"], now["rejected"], ref["chosen"], ref["rejected"], a.beta)
+def reward_metrics(now, ref, beta):
+    """Mean rewards, margin and accuracy of log-probs `now` against the reference's, over the pairs."""
+    _, r_c, r_r = dpo_loss(now["chosen"], now["rejected"], ref["chosen"], ref["rejected"], beta)
     return {"rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
             "rewards/margins": (r_c - r_r).mean().item(), "rewards/accuracies": (r_c > r_r).float().mean().item(),
             "logps/chosen": now["chosen"].mean().item(), "logps/rejected": now["rejected"].mean().item()}
@@ -685,10 +682,11 @@ def align(a):
             if not idx:
                 raise ValueError(f"round {t}: none of the {len(pairs['rejected'])} sampled pairs is usable (every "
                                  f"sample was empty or equal to its golden codes); nothing for DPO to learn from")
-            # pi_ref = AR_t: frozen, eval mode, no grad; only its log-probs are needed, so keep those
-            ref = reference_logps(copy.deepcopy(policy), pairs, idx, a.batch_size, dev, desc="reference log-probs")
+            # pi_ref = AR_t, the policy before this round's first step (eval mode, no grad); only its log-probs
+            # are needed, so they are kept and nothing of the model. Before training pi = pi_ref: rewards 0.
+            ref = reference_logps(policy, pairs, idx, a.batch_size, dev, desc="reference log-probs")
             pairs["reference"] = ref | {"idx": torch.tensor(idx)}
-            before = pair_metrics(policy, pairs, idx, ref, a, desc="rewards before")
+            before = reward_metrics(ref, ref, a.beta)
         save_checkpoint(pairs_path, **pairs)
         t0 = time.time()
         with open(os.path.join(folder, "log.jsonl"), "w") as log:
@@ -696,7 +694,8 @@ def align(a):
         metrics = dict(round=t, control=a.control, pairs=pairs["stats"], usable_pairs=len(idx),
                        train_seconds=round(time.time() - t0, 1), args=asdict(a))
         if not a.control:
-            metrics |= {"before": before, "after": pair_metrics(policy, pairs, idx, ref, a, desc="rewards after")}
+            after = reference_logps(policy, pairs, idx, a.batch_size, dev, desc="rewards after")
+            metrics |= {"before": before, "after": reward_metrics(after, ref, a.beta)}
         save_checkpoint(out_ckpt, kind="ar", config=asdict(policy.cfg), step=ckpt["step"], model=policy.state_dict(),
                         tokenizer={"symbols": tok.symbols, "kind": tok.kind}, codec=ckpt["codec"], round=t,
                         args=asdict(a))

@@ -159,10 +159,10 @@ def test_a_few_dpo_steps_raise_margin_and_accuracy():
     assert idx == list(range(16))
     ref = sa.reference_logps(model, pairs, idx)
     a = sa.AlignArgs(steps=15, batch_size=8, lr=3e-3, warmup=1)
-    before = sa.pair_metrics(model, pairs, idx, ref, a)
+    before = sa.reward_metrics(sa.reference_logps(model, pairs, idx), ref, a.beta)
     assert before["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
     sa.train_round(model, pairs, idx, ref, a)
-    after = sa.pair_metrics(model, pairs, idx, ref, a)
+    after = sa.reward_metrics(sa.reference_logps(model, pairs, idx), ref, a.beta)
     assert after["rewards/margins"] > 1.0 and after["rewards/accuracies"] > 0.9
     assert not model.training  # dropout stays off
 
@@ -227,6 +227,9 @@ def test_reference_is_the_round_start_model_and_is_replaced_between_rounds(init_
     for m in history:  # each round starts at margin 0 (policy == its reference) and DPO moves it up
         assert m["before"]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
         assert m["after"]["rewards/margins"] > 0
+    for t in (1, 2):  # the first step's batch, scored in training layout before any update: pi = pi_ref
+        first = json.loads(open(out / f"round{t}/log.jsonl").readline())
+        assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-4) and first["loss"] == pytest.approx(math.log(2), abs=1e-4)
     log = [json.loads(line) for line in open(out / "round2/log.jsonl")]
     assert len(log) == 4 and {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                               "logps/chosen", "logps/rejected", "lengths/chosen", "lengths/rejected"} <= set(log[0])
