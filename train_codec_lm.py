@@ -93,6 +93,18 @@ def batch_for_step(model, examples_for, step, args, world, rank, device):
     return model.batch(chosen, j, device=device)
 
 
+def train_step(net, opt, b, autocast, grad_clip):
+    """One optimizer step on batch b (forward under `autocast`, backward, gradient clip, AdamW); returns the loss
+    and the gradient norm. `net` may be the DDP wrapper; bench/bench.py times this step."""
+    with autocast:
+        loss = lm_loss(net, b)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    opt.step()
+    return loss, norm
+
+
 @torch.no_grad()
 def validate(model, val_examples, args, device):
     """Mean token cross-entropy on held-out examples (for the NAR: averaged over layers 2..Q)."""
@@ -191,12 +203,7 @@ def main(argv=None):
         b = batch_for_step(model, examples_for, step, args, world, rank, device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        with autocast:
-            loss = lm_loss(net, b)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
+        loss, norm = train_step(net, opt, b, autocast, args.grad_clip)
         step += 1
         tokens += int(b["valid"].sum()) * world
         if master:
