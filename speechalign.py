@@ -96,7 +96,8 @@ class LMConfig:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block. `cache`, when given, is a dict that keeps this block's keys and values."""
+    """Pre-norm transformer block. `cache`, when given, is a dict {"size": positions} in which the block keeps its
+    keys and values: buffers of `size` positions, written in place, so a step copies nothing it cached before."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -112,9 +113,12 @@ class Block(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if cache is not None:
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
-            cache["k"], cache["v"] = k, v
+            if "k" not in cache:
+                cache["k"] = k.new_empty(B, self.n_head, cache["size"], C // self.n_head)
+                cache["v"], cache["n"] = torch.empty_like(cache["k"]), 0
+            s, n = cache["n"], cache["n"] + T
+            cache["k"][:, :, s:n], cache["v"][:, :, s:n], cache["n"] = k, v, n
+            k, v = cache["k"][:, :, :n], cache["v"][:, :, :n]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))  # mask [B, T, T_keys]
         x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
         return x + self.mlp(self.ln2(x))
@@ -292,7 +296,7 @@ class AR(CodecLM):
             valid[i, s:] = True
         text, audio, is_audio, pos, valid = (x.to(dev) for x in (text, audio, is_audio, pos, valid))
         lp, limit = lp.to(dev), limit.to(dev)
-        caches = [dict() for _ in self.blocks] if use_cache else None
+        caches = [dict(size=P + int(limit.max())) for _ in self.blocks] if use_cache else None
         out = torch.zeros(B, 0, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         hit_limit = torch.zeros(B, dtype=torch.bool, device=dev)
