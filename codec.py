@@ -272,6 +272,11 @@ class MelRVQCodec:
         return codec
 
 
+def load_codec(spec, device="cpu"):
+    """'encodec' (the real setting, pretrained EnCodec 24 kHz) or the path of a fitted toy codec file."""
+    return EncodecCodec(device=device) if spec == "encodec" else MelRVQCodec.load(spec)
+
+
 def log_mel_distance(a, b):
     """Mean absolute difference of two log-mels [n_mels, T] over their common frames (nats)."""
     t = min(a.shape[1], b.shape[1])

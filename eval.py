@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from tqdm import tqdm
 
-from codec import EncodecCodec, MelRVQCodec, as_mono, load_corpus
+from codec import as_mono, load_codec, load_corpus
 from speechalign import SAMPLING, load_model, make_examples, sequence_logps, synthesise
 
 NORMALIZATION = (
@@ -245,23 +245,62 @@ def generate(ar, nar, examples, golden_layer1=False, batch_size=32, seed=0, samp
     return codes, hit
 
 
-def prompt_embeddings(codec, enc, examples, progress=None):
+# The judges: decode a code matrix, transcribe it, embed its speaker. About 0.5 s per utterance on one core,
+# so they dominate the evaluation's cost; with jobs > 1 they run in worker processes, one thread each, and
+# give the same results as in-process (greedy ASR and a fixed encoder, one utterance at a time).
+
+_judges = {}  # this process's codec, ASR and speaker encoder (a worker's, or the main process's with jobs=1)
+
+
+def _load_judges(codec, asr_name, worker=False):
+    if worker:
+        torch.set_num_threads(1)
+    _judges.update(codec=load_codec(codec) if isinstance(codec, str) else codec, asr=load_asr(asr_name),
+                   enc=load_speaker_encoder())
+
+
+def _judge_one(job):
+    """(codes, transcribe?) -> (transcript or None, speaker embedding)."""
+    codes, want_text = job
+    wav, sr = _judges["codec"].decode(codes)
+    return (transcribe(_judges["asr"], wav, sr) if want_text else None), speaker_embedding(_judges["enc"], wav, sr)
+
+
+class Judges:
+    """The judges in this process (jobs=1, any codec object) or in a pool of `jobs` CPU worker processes
+    (codec: 'encodec' or a toy codec path, loaded by each worker)."""
+
+    def __init__(self, codec, asr_name=None, jobs=1):
+        self.pool = None
+        if jobs > 1:
+            import multiprocessing as mp
+            self.pool = mp.get_context("spawn").Pool(jobs, _load_judges, (codec, asr_name, True))
+        else:
+            _load_judges(codec, asr_name)
+
+    def map(self, codes, want_text, desc=None):
+        jobs = [(c, want_text) for c in codes]
+        it = map(_judge_one, jobs) if self.pool is None else self.pool.imap(_judge_one, jobs, chunksize=4)
+        return list(tqdm(it, total=len(jobs), desc=desc, disable=desc is None))
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+
+
+def prompt_embeddings(judges, examples, desc=None):
     """Speaker embedding of each example's acoustic prompt, heard through the codec (the toy corpus ships
     codes, not audio); computed once and shared by every system judged on the same test list."""
-    prompts = [prompt for _, prompt, _ in examples]
-    return [speaker_embedding(enc, *codec.decode(p)) for p in (prompts if progress is None else progress(prompts))]
+    return [e for _, e in judges.map([prompt for _, prompt, _ in examples], False, desc)]
 
 
-def judge(codec, asr, enc, codes, refs, prompt_embs, progress=None):
+def judge(judges, codes, refs, prompt_embs, desc=None):
     """Decode each [Q, T] code matrix, transcribe it and embed its speaker; SIM is the cosine to the
     embedding of its prompt. Returns per-utterance hyps, sims and speaker embeddings, and corpus_wer's result."""
-    hyps, sims, embs = [], [], []
-    items = list(zip(codes, prompt_embs))
-    for c, pe in (items if progress is None else progress(items)):
-        wav, sr = codec.decode(c)
-        hyps.append(transcribe(asr, wav, sr))
-        embs.append(speaker_embedding(enc, wav, sr))
-        sims.append(cosine(embs[-1], pe))
+    out = judges.map(codes, True, desc)
+    hyps, embs = [h for h, _ in out], [e for _, e in out]
+    sims = [cosine(e, pe) for e, pe in zip(embs, prompt_embs)]
     return dict(hyps=hyps, sims=sims, embs=embs, wer=corpus_wer(refs, hyps))
 
 
@@ -584,6 +623,8 @@ def get_args(argv=None):
     ap.add_argument("--n_boot", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0, help="seeds prompts, sampling, bootstrap and classifier folds")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (small models run fastest on one)")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes for decoding + ASR + speaker embedding "
+                    "(one thread each; CPU); the results do not depend on it")
     return ap.parse_args(argv)
 
 
@@ -615,7 +656,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     systems, curve_names = parse_systems(args)
-    codec = EncodecCodec(device=device) if args.codec == "encodec" else MelRVQCodec.load(args.codec)
+    codec = load_codec(args.codec, device)
 
     def check_codec(path, name):
         if name != codec.name:
@@ -643,25 +684,22 @@ def main(argv=None):
     if len(examples) < 2:
         raise SystemExit("the test list needs at least 2 utterances: raise --n_seen or --n_unseen")
     sampling = SAMPLING | ({} if args.max_ratio is None else {"max_ratio": args.max_ratio})
-    asr, enc = load_asr(args.asr), load_speaker_encoder()
+    judges = Judges(codec if args.jobs == 1 else args.codec, args.asr, args.jobs)
     base = dict(data=data, ids=ids, seed=args.seed, prompt_seconds=args.prompt_seconds, codec=codec.name,
                 asr=args.asr, device=device)  # a GPU samples other numbers than the CPU from the same seed
 
-    def bar(desc):
-        return lambda items: tqdm(items, desc=desc)
-
     # Raw per-utterance measurements, each cached: prompts, golden, golden layer 1 + NAR, then every AR.
     prompt_embs = cached(args.out, base | {"what": "prompts"}, lambda: [
-        e.tolist() for e in prompt_embeddings(codec, enc, examples, bar("prompts: embed"))])
+        e.tolist() for e in prompt_embeddings(judges, examples, "prompts: embed")])
 
     def score(name, codes):
-        j = judge(codec, asr, enc, codes, refs, prompt_embs, bar(f"{name}: judge"))
+        j = judge(judges, codes, refs, prompt_embs, f"{name}: judge")
         return dict(hyps=j["hyps"], errors=[e for e, _ in j["wer"]["per_utterance"]], sims=j["sims"],
                     embs=[e.tolist() for e in j["embs"]], samples=[c.tolist() for c in codes[:args.n_samples]])
 
     def run(name, ar, golden_layer1=False):
         codes, hit = generate(ar, nar, examples, golden_layer1, args.batch_size, args.seed, sampling,
-                              bar(f"{name}: generate"))
+                              lambda items: tqdm(items, desc=f"{name}: generate"))
         out = score(name, codes) | {"hit_limit": hit}
         if ar is not None:
             out |= {"layer1": [c[0].tolist() for c in codes], "golden_nll": golden_nll(ar, examples, args.batch_size)}
@@ -682,6 +720,7 @@ def main(argv=None):
                       "sampling": sampling, "batch": args.batch_size}
         results[name] = cached(args.out, key, lambda: run(name, ar)) | {"checkpoint": path, "step": ckpt.get("step")}
         del ar, ckpt  # one AR in memory at a time
+    judges.close()
 
     golden_l1 = [g[0].tolist() for g in golden_codes]
     S, chance, pairwise = summarize(results, refs, splits, golden_l1, codec.card[0], args.n_boot, args.seed)

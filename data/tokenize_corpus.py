@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from codec import EncodecCodec, MelRVQCodec, save_corpus  # noqa: E402
+from codec import load_codec, save_corpus  # noqa: E402
 
 REQUIRED = ("id", "audio", "text", "speaker")
 
@@ -49,10 +49,6 @@ def read_manifest(path):
     return rows
 
 
-def make_codec(spec):
-    return EncodecCodec() if spec == "encodec" else MelRVQCodec.load(spec)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("manifest")
@@ -64,7 +60,7 @@ def main():
     torch.set_num_threads(1)  # small per-utterance work: one thread is fastest here
 
     rows = read_manifest(args.manifest)[: args.limit]
-    codec = make_codec(args.codec)
+    codec = load_codec(args.codec)
     root = os.path.dirname(os.path.abspath(args.manifest))
     kept, codes, skipped = [], [], []
     for row in tqdm(rows, desc=f"tokenise {os.path.basename(args.manifest)}"):

@@ -128,7 +128,8 @@ def run_eval(*args):
 
 @pytest.fixture(scope="module")
 def evaluated(tiny, tmp_path_factory):
-    """Run 1 scores `sft`; run 2 adds the step-5 and step-10 snapshots as a curve in the same run directory."""
+    """Run 1 scores `sft`; run 2 adds the step-5 and step-10 snapshots as a curve in the same run directory,
+    judged by two worker processes (--jobs 2) instead of in-process."""
     out = tmp_path_factory.mktemp("eval")
     common = ["--nar", tiny / "nar.pt", "--out", out, "--n_seen", 4, "--n_unseen", 2, "--max_ratio", 1,
               "--n_samples", 2, "--n_boot", 500]
@@ -136,7 +137,7 @@ def evaluated(tiny, tmp_path_factory):
     assert first.stdout.splitlines()[-1] == f"report: {out / 'report.md'}"
     report1 = json.loads((out / "report.json").read_text())
     cache1 = {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir()}
-    run_eval("--ar", f"sft={tiny / 'ar.pt'}", "--curve", tiny / "ar.step*.pt", *common)
+    run_eval("--ar", f"sft={tiny / 'ar.pt'}", "--curve", tiny / "ar.step*.pt", "--jobs", 2, *common)
     cache2 = {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir()}
     return dict(out=out, report1=report1, report=json.loads((out / "report.json").read_text()), cache1=cache1,
                 cache2=cache2, stdout=first.stdout)
@@ -163,7 +164,8 @@ def test_report_numbers(evaluated):
         gap = S[name]["gap"]
         assert gap["wer_golden_ar"] == S["golden_l1_nar"]["wer"] and gap["wer_synthetic_ar"] == S[name]["wer"]
         assert gap["sim_golden_ar"] == S["golden_l1_nar"]["sim"] and 0 <= gap["classifier_acc"] <= 1
-    # ar.step10.pt holds the weights of ar.pt (both written at step 10): same seed, same samples, same scores
+    # ar.step10.pt holds the weights of ar.pt (both written at step 10): same seed, same samples, same scores,
+    # though sft was judged in-process (run 1) and step10 by worker processes (run 2, --jobs 2)
     assert S["step10"]["per_utterance"] == S["sft"]["per_utterance"]
     lo, hi = r["chance"]["wer_ci"]
     assert lo <= r["chance"]["wer"] <= hi and r["chance"]["wer"] > S["golden"]["wer"]
