@@ -25,7 +25,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -606,6 +606,8 @@ class AlignArgs:
     control: bool = field(default=False, metadata={"help": "the paper's control: continued SFT on the golden "
                                                              "codes, same steps and examples per step, no sampling"})
     n_utts: int = field(default=300, metadata={"help": "training utterances x per round (the first n of --train)"})
+    fresh_utts: bool = field(default=False, metadata={"help": "round t takes the t-th block of n_utts utterances "
+                                                                "of --train instead of the same first n_utts each round"})
     k: int = field(default=2, metadata={"help": "rejected samples per utterance"})
     prompt_seconds: float = field(default=3.0, metadata={"help": "cross-sentence acoustic prompt length"})
     temperature: float = field(default=SAMPLING["temperature"], metadata={"help": "sampling of rejected codes"})
@@ -616,6 +618,8 @@ class AlignArgs:
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo"})
     sft_weight: float = field(default=0.0, metadata={"help": "alpha: weight of an SFT term on the chosen side"})
     lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate (after a linear warmup)"})
+    lr_decay: float = field(default=0.5, metadata={"help": "round t trains at lr * lr_decay^(t-1) (at 1.0, rounds 2-3 "
+                                                               "over-optimised the toy model; data/README.md)"})
     warmup: int = field(default=10, metadata={"help": "warmup steps"})
     steps: int = field(default=40, metadata={"help": "optimizer steps per round"})
     batch_size: int = field(default=16, metadata={"help": "pairs per step (control: golden utterances per step)"})
@@ -654,7 +658,11 @@ def align(a):
     if ckpt["codec"]["name"] != corpus["codec"]["name"]:
         raise ValueError(f"{a.init} was trained on codec {ckpt['codec']['name']}, but {a.train} is tokenised with "
                          f"{corpus['codec']['name']}")
-    examples = make_examples(corpus, tok, a.prompt_seconds, seed=a.seed, frame_rate=corpus["codec"]["frame_rate"])[:a.n_utts]
+    pool = make_examples(corpus, tok, a.prompt_seconds, seed=a.seed, frame_rate=corpus["codec"]["frame_rate"])
+    need = a.n_utts * (a.rounds if a.fresh_utts else 1)
+    if len(pool) < need:
+        raise ValueError(f"{a.train} has {len(pool)} utterances; {a.rounds if a.fresh_utts else 1} x --n_utts "
+                         f"{a.n_utts} needs {need}")
     sampling = dict(temperature=a.temperature, top_k=a.top_k or None, top_p=None, max_ratio=a.max_ratio)
     history = []
     for t in range(1, a.rounds + 1):
@@ -669,9 +677,11 @@ def align(a):
             print(f"round {t}: done before, loaded {out_ckpt}")
             continue
         os.makedirs(folder, exist_ok=True)
+        first = (t - 1) * a.n_utts if a.fresh_utts else 0
+        examples = pool[first:first + a.n_utts]
         meta = dict(codec=corpus["codec"]["name"], config=asdict(policy.cfg), tokenizer=tok.symbols, train=a.train,
                     n_utts=len(examples), k=0 if a.control else a.k, sampling=sampling, seed=a.seed, round=t,
-                    prompt_seconds=a.prompt_seconds)
+                    prompt_seconds=a.prompt_seconds, first_utt=first)
         pairs_path = os.path.join(folder, "pairs.pt")
         if os.path.exists(pairs_path):  # sampled before this round was interrupted
             pairs = torch.load(pairs_path, weights_only=True)
@@ -694,7 +704,7 @@ def align(a):
         save_checkpoint(pairs_path, **pairs)
         t0 = time.time()
         with open(os.path.join(folder, "log.jsonl"), "w") as log:
-            train_round(policy, pairs, idx, ref, a, log)
+            train_round(policy, pairs, idx, ref, replace(a, lr=a.lr * a.lr_decay ** (t - 1)), log)
         metrics = dict(round=t, control=a.control, pairs=pairs["stats"], usable_pairs=len(idx),
                        train_seconds=round(time.time() - t0, 1), args=asdict(a))
         if not a.control:

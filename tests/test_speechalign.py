@@ -286,3 +286,19 @@ def test_command_line_runs_and_resumes(init_ckpt, tmp_path):
     assert "round 1: margin +0.000 ->" in first.stdout
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and "round 1: done before" in second.stdout
+
+
+def test_fresh_utterances_and_lr_decay_per_round(init_ckpt, tmp_path):
+    sa.align(args(init_ckpt, tmp_path, "--rounds", "2", "--fresh_utts", "--lr_decay", "0.5"))
+    corpus = load_corpus(CORPUS)
+    tok = sa.TextTokenizer.build(corpus["phonemes"])
+    pool = sa.make_examples(corpus, tok, 3.0, seed=0, frame_rate=corpus["codec"]["frame_rate"])
+    for t, first in ((1, 0), (2, 6)):  # round t samples pairs for the t-th block of 6 utterances
+        pairs = torch.load(tmp_path / f"round{t}/pairs.pt", weights_only=True)
+        assert pairs["meta"]["first_utt"] == first
+        assert pairs["texts"] == [list(x) for x, _, _ in pool[first:first + 6]]
+        assert all(torch.equal(c, g[0]) for c, (_, _, g) in zip(pairs["chosen"], pool[first:first + 6]))
+        lrs = [json.loads(line)["lr"] for line in open(tmp_path / f"round{t}/log.jsonl")]
+        assert lrs == pytest.approx([1e-3 * 0.5 ** (t - 1)] * 4)  # warmup 1: the full rate from step 1
+    with pytest.raises(ValueError, match=r"has \d+ utterances; 3 x --n_utts 1000 needs 3000"):
+        sa.align(args(init_ckpt, tmp_path / "big", "--rounds", "3", "--fresh_utts", "--n_utts", "1000"))
