@@ -268,17 +268,20 @@ def _judge_one(job):
 
 class Judges:
     """The judges in this process (jobs=1, any codec object) or in a pool of `jobs` CPU worker processes
-    (codec: 'encodec' or a toy codec path, loaded by each worker)."""
+    (codec: 'encodec' or a toy codec path, loaded by each worker). Loaded on first use: a re-run that finds
+    everything in its cache loads no model."""
 
     def __init__(self, codec, asr_name=None, jobs=1):
-        self.pool = None
-        if jobs > 1:
-            import multiprocessing as mp
-            self.pool = mp.get_context("spawn").Pool(jobs, _load_judges, (codec, asr_name, True))
-        else:
-            _load_judges(codec, asr_name)
+        self.args, self.jobs, self.pool, self.ready = (codec, asr_name), jobs, None, False
 
     def map(self, codes, want_text, desc=None):
+        if not self.ready:
+            if self.jobs > 1:
+                import multiprocessing as mp
+                self.pool = mp.get_context("spawn").Pool(self.jobs, _load_judges, (*self.args, True))
+            else:
+                _load_judges(*self.args)
+            self.ready = True
         jobs = [(c, want_text) for c in codes]
         it = map(_judge_one, jobs) if self.pool is None else self.pool.imap(_judge_one, jobs, chunksize=4)
         return list(tqdm(it, total=len(jobs), desc=desc, disable=desc is None))

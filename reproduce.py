@@ -1,0 +1,198 @@
+"""The main job: SpeechAlign's toy reproduction, one command from the shipped SFT model to the report.
+
+    python reproduce.py                    # 3 DPO rounds, the control, evaluation, report: ~30 min on 2 CPU cores
+    python reproduce.py --preset smoke     # the same pipeline at a tiny size, < 2 min (the tests run it)
+    python reproduce.py --from_scratch     # first synthesise the corpus, fit the codec and pretrain (~2.5 h more)
+
+Every stage is one of the project's scripts, run as a subprocess with its own progress bars; each resumes or
+skips what it finished before (speechalign.py keeps finished rounds, eval.py caches every scored system,
+pretraining resumes from its checkpoint), so re-running this command after an interruption carries on.
+On two cores, two branches run side by side:
+    DPO rounds 1..R                     |  control (continued SFT), then eval.py on the baselines + the SFT model
+    eval.py on every system, judging in two worker processes -> the claims checked on its numbers
+The last lines printed are the results table and the report's path (OUT/report.md).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from speechalign import AlignArgs
+
+PY = sys.executable
+RUNNING = []  # stages started and not yet waited for: stopped if another stage fails
+
+# What differs between the presets; everything else is each script's default (AlignArgs: the toy recipe).
+PRESETS = {
+    "toy": dict(
+        align=[],  # speechalign.AlignArgs defaults are the toy recipe
+        eval=["--n_seen", "200", "--n_unseen", "100"],
+        corpus=["--train_per_speaker", "2700"],
+        codec=[],
+        subset=["--limit", "3000"],
+        ar=["--d_model", "256", "--n_layer", "4", "--n_head", "4", "--steps", "4500", "--warmup", "300",
+            "--eval_every", "250", "--snapshot_every", "500", "--precision", "bf16"],
+        nar=["--d_model", "256", "--n_layer", "4", "--n_head", "4", "--steps", "2500", "--warmup", "300",
+             "--eval_every", "500", "--eval_utts", "64", "--snapshot_every", "500", "--precision", "bf16"]),
+    "smoke": dict(
+        align=["--n_utts", "6", "--k", "1", "--steps", "2", "--batch_size", "3", "--warmup", "1", "--sample_batch", "8"],
+        eval=["--n_seen", "3", "--n_unseen", "3", "--max_ratio", "2", "--n_samples", "1", "--n_boot", "200"],
+        corpus=["--train_per_speaker", "30", "--test_per_speaker", "2", "--unseen_per_speaker", "2"],
+        codec=["--card", "64", "16", "16", "16", "16", "16", "16", "16", "--eval_utts", "4"],
+        subset=["--limit", "18"],
+        ar=["--d_model", "32", "--n_layer", "1", "--n_head", "2", "--steps", "4", "--warmup", "1", "--batch_size", "4",
+            "--eval_every", "1000", "--eval_utts", "4"],
+        nar=["--d_model", "32", "--n_layer", "1", "--n_head", "2", "--steps", "4", "--warmup", "1", "--batch_size", "4",
+             "--eval_every", "1000", "--eval_utts", "4"]),
+}
+SHIPPED = dict(ar="data/toy/sft_ar.pt", nar="data/toy/sft_nar.pt", codec="data/toy/codec.pt",
+               train="data/toy/train_subset.pt", test_seen="data/toy/test_seen.pt", test_unseen="data/toy/test_unseen.pt")
+
+
+def start(name, cmd, timings, background=False):
+    """Start one stage; a background stage draws its bars on the terminal's second line (tqdm reads TQDM_*;
+    an empty TQDM_LEAVE clears each finished bar there)."""
+    print(f"\n== {name}: {' '.join(cmd)}", flush=True)
+    env = os.environ | ({"TQDM_POSITION": "1", "TQDM_LEAVE": ""} if background else {})
+    RUNNING.append((name, subprocess.Popen([PY, *cmd], env=env), time.time(), timings))
+    return RUNNING[-1]
+
+
+def wait(job):
+    name, proc, t0, timings = job
+    RUNNING.remove(job)
+    if proc.wait() != 0:
+        for _, other, _, _ in RUNNING:
+            other.terminate()
+        sys.exit(f"stage {name!r} failed (exit {proc.returncode}); fix the cause and re-run: finished work is kept")
+    timings[name] = round(time.time() - t0, 1)
+    print(f"== {name}: done in {timings[name] / 60:.1f} min", flush=True)
+
+
+def run(name, cmd, timings):
+    wait(start(name, cmd, timings))
+
+
+def from_scratch(out, p, timings):
+    """Corpus (flite + espeak-ng) -> codec -> tokenised splits -> AR and NAR pretraining side by side."""
+    corpus, data = os.path.join(out, "corpus"), os.path.join(out, "data")
+    os.makedirs(data, exist_ok=True)
+    files = dict(codec=os.path.join(data, "codec.pt"), train=os.path.join(data, "train_subset.pt"),
+                 full=os.path.join(data, "train.pt"), test_seen=os.path.join(data, "test_seen.pt"),
+                 test_unseen=os.path.join(data, "test_unseen.pt"),
+                 ar=os.path.join(out, "sft", "sft_ar.pt"), nar=os.path.join(out, "sft", "sft_nar.pt"))
+    if not os.path.exists(os.path.join(corpus, "test_unseen.jsonl")):  # written last
+        run("corpus", ["data/make_toy_corpus.py", "--out", corpus, *p["corpus"]], timings)
+    if not os.path.exists(files["codec"]):
+        run("codec", ["data/fit_toy_codec.py", os.path.join(corpus, "train.jsonl"), files["codec"], *p["codec"]], timings)
+    for key, split, extra in (("full", "train", []), ("train", "train", p["subset"]),
+                              ("test_seen", "test_seen", []), ("test_unseen", "test_unseen", [])):
+        if not os.path.exists(files[key]):
+            run(f"tokenise {key}", ["data/tokenize_corpus.py", os.path.join(corpus, f"{split}.jsonl"), files[key],
+                                    "--codec", files["codec"], *extra], timings)
+    jobs = []
+    for i, model in enumerate(("ar", "nar")):
+        if os.path.exists(files[model]):
+            continue
+        ckpt = os.path.join(out, "sft", f"{model}.pt")
+        os.makedirs(os.path.dirname(ckpt), exist_ok=True)
+        cmd = ["train_codec_lm.py", "--model", model, "--out", ckpt, "--train", files["full"], "--val",
+               files["test_seen"], "--export", files[model], *p[model]] + (["--resume"] if os.path.exists(ckpt) else [])
+        jobs.append(start(f"pretrain {model}", cmd, timings, background=i > 0))
+    for job in jobs:
+        wait(job)
+    return files
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The paper's claims, each a test on the evaluation's numbers (deltas are paired-bootstrap 95% intervals).
+
+def claims(report, rounds):
+    S, P, last = report["systems"], report["pairwise"], f"round{rounds}"
+
+    def d(key, metric="wer"):
+        x = P[key]
+        return x[f"delta_{metric}"], x[f"delta_{metric}_ci"]
+
+    def show(v, ci):
+        return f"{v:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+    acc = {n: S[n]["gap"]["classifier_acc"] for n in ["sft"] + [f"round{t}" for t in range(1, rounds + 1)]}
+    rows = []
+    v, ci = d("sft_vs_golden_l1_nar")
+    rows.append(("the gap: the same NAR gives higher WER from the SFT AR's layer 1 than from golden",
+                 f"WER sft - golden_l1_nar {show(v, ci)}", ci[0] > 0))
+    v, ci = d("round1_vs_sft")
+    rows.append(("DPO round 1 lowers WER against the SFT model", f"WER round1 - sft {show(v, ci)}", ci[1] < 0))
+    v, ci = d(f"{last}_vs_round1")
+    rows.append((f"round {rounds} is no worse than round 1 (not measurably higher WER)",
+                 f"WER {last} - round1 {show(v, ci)}", ci[0] <= 0))
+    v, ci = d(f"control_vs_{last}")
+    rows.append(("DPO beats the continued-SFT control at equal budget",
+                 f"WER control - {last} {show(v, ci)}", ci[0] > 0))
+    v, ci = d(f"{last}_vs_sft", "sim")
+    rows.append(("SIM does not fall (not measurably lower than the SFT model's)",
+                 f"SIM {last} - sft {show(v, ci)}", ci[1] >= 0))
+    seq = list(acc.values())
+    rows.append(("the golden-vs-synthetic classifier's accuracy falls across rounds",
+                 "accuracy " + " → ".join(f"{a:.3f}" for a in seq), all(b < a for a, b in zip(seq, seq[1:]))))
+    table = ["| claim | measured | held |", "|---|---|---|"]
+    table += [f"| {c} | {m} | {'yes' if ok else '**no**'} |" for c, m, ok in rows]
+    return table, rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="toy")
+    ap.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
+    ap.add_argument("--from_scratch", action="store_true",
+                    help="synthesise the corpus (needs flite and espeak-ng), fit the codec, pretrain AR and NAR "
+                         "(toy preset: ~2.5 h on 2 cores) instead of using data/toy/")
+    args = ap.parse_args()
+    out, p = args.out or os.path.join("runs", args.preset), PRESETS[args.preset]
+    os.makedirs(out, exist_ok=True)
+    timings_path = os.path.join(out, "timings.json")
+    timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}  # earlier runs' stages
+    t0 = time.time()
+    files = from_scratch(out, p, timings) if args.from_scratch else SHIPPED
+    data = ["--train", files["train"]]
+    align = ["speechalign.py", "--init", files["ar"], *data, "--precision", "bf16", "--threads", "1", *p["align"]]
+    rounds = AlignArgs.rounds
+    ev = ["eval.py", "--nar", files["nar"], "--codec", files["codec"], "--test_seen", files["test_seen"],
+          "--test_unseen", files["test_unseen"], "--out", os.path.join(out, "eval"), *p["eval"]]
+    sft, control = f"sft={files['ar']}", f"control={out}/control/round{rounds}/ar.pt"
+
+    # Two branches side by side: the DPO rounds here, the control and the baselines' evaluation beside them.
+    dpo = start("DPO rounds", [*align, "--out", os.path.join(out, "align")], timings)
+    wait(start("control", [*align, "--control", "--out", os.path.join(out, "control")], timings, background=True))
+    base = start("eval baselines", [*ev, "--ar", sft], timings, background=True)
+    wait(dpo)
+    wait(base)
+    systems = [sft] + [f"round{t}={out}/align/round{t}/ar.pt" for t in range(1, rounds + 1)] + [control]
+    run("eval", [*ev, "--jobs", "2", *(x for s in systems for x in ("--ar", s))], timings)
+    timings["this run (s)"] = round(time.time() - t0, 1)
+    with open(timings_path, "w") as f:
+        json.dump(timings, f, indent=1)
+
+    report = json.load(open(os.path.join(out, "eval", "report.json")))
+    claim_table, _ = claims(report, rounds)
+    eval_md = open(os.path.join(out, "eval", "report.md")).read()
+    results_table = eval_md.split("\n\n")[1].splitlines()  # the systems table comes first in eval's report
+    stages = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
+    md = [f"# SpeechAlign toy reproduction ({args.preset} preset)", "", "## The paper's claims", "", *claim_table, "",
+          f"Wall time: {stages}. Command: `python reproduce.py --preset {args.preset}"
+          f"{' --from_scratch' if args.from_scratch else ''} --out {out}`.", "",
+          "Plots: `eval/metrics.png`, `eval/gap_pca.png`, `eval/training.png`; WAVs: `eval/samples/`.", "",
+          eval_md.replace("# Evaluation report", "## Evaluation")]
+    with open(os.path.join(out, "report.md.tmp"), "w") as f:
+        f.write("\n".join(md))
+    os.replace(os.path.join(out, "report.md.tmp"), os.path.join(out, "report.md"))
+    print("\n" + "\n".join(results_table) + "\n\n" + "\n".join(claim_table))
+    print(f"\nwall time this run: {timings['this run (s)'] / 60:.1f} min")
+    print(f"report: {os.path.join(out, 'report.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The main job's pipeline (reproduce.py) at the smoke preset, through a subprocess: it checks that every stage
+runs and resumes, not the paper's claims (a tiny run cannot show them). Also the claim checks on a report
+made by hand."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reproduce import claims
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+SYSTEMS = ["golden", "golden_l1", "golden_l1_nar", "sft", "round1", "round2", "round3", "control"]
+
+
+def reproduce(*args):
+    r = subprocess.run([sys.executable, "reproduce.py", "--preset", "smoke", *map(str, args)], cwd=REPO, env=ENV,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def outputs(out):
+    """Modification times of everything a finished stage leaves: checkpoints, pairs, the evaluation cache."""
+    return {p: p.stat().st_mtime_ns for p in [*out.rglob("*.pt"), *(out / "eval" / "cache").iterdir()]}
+
+
+def check_run(out, stdout):
+    lines = stdout.splitlines()
+    assert lines[-1] == f"report: {out / 'report.md'}"
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert list(report["systems"]) == SYSTEMS and report["n_seen"] + report["n_unseen"] == 6
+    md = (out / "report.md").read_text()
+    rows = [line for line in md.splitlines() if line.endswith("| yes |") or line.endswith("| **no** |")]
+    assert len(rows) == 6 and all(row in lines for row in rows)  # the claims table, printed last but two
+    for png in ("metrics.png", "gap_pca.png", "training.png"):
+        assert (out / "eval" / png).read_bytes()[:4] == b"\x89PNG"
+    assert len(list((out / "eval" / "samples" / "round3").glob("*.wav"))) == 1
+    for t in (1, 2, 3):
+        assert (out / "align" / f"round{t}" / "ar.pt").exists() and (out / "control" / f"round{t}" / "ar.pt").exists()
+
+
+def test_smoke_preset_runs_end_to_end_and_a_rerun_redoes_nothing(tmp_path):
+    out = tmp_path / "smoke"
+    check_run(out, reproduce("--out", out).stdout)
+    before = outputs(out)
+    again = reproduce("--out", out)
+    check_run(out, again.stdout)
+    assert outputs(out) == before  # no checkpoint, pairs file or cached evaluation was rewritten
+    assert "round 3: done before" in again.stdout
+
+
+@pytest.mark.skipif(not (shutil.which("flite") and shutil.which("espeak-ng")), reason="needs flite and espeak-ng")
+def test_smoke_preset_from_scratch(tmp_path):
+    """Corpus synthesis, codec fit, tokenisation and pretraining, then the same pipeline on what they made."""
+    out = tmp_path / "scratch"
+    check_run(out, reproduce("--out", out, "--from_scratch").stdout)
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["systems"]["sft"]["checkpoint"] == f"{out}/sft/sft_ar.pt"
+    assert report["codec"] != json.loads((REPO / "data/toy/codec.layout.json").read_text())["codec"]
+
+
+def fake_report(deltas, accs):
+    """A report with the given pairwise (delta, ci) of WER and SIM and classifier accuracies."""
+    pairwise = {k: {"delta_wer": w[0], "delta_wer_ci": w[1], "delta_sim": s[0], "delta_sim_ci": s[1]}
+                for k, (w, s) in deltas.items()}
+    systems = {n: {"gap": {"classifier_acc": a}} for n, a in accs.items()}
+    return {"systems": systems, "pairwise": pairwise}
+
+
+def test_claims_read_the_right_differences_and_ends_of_the_intervals():
+    none = (0.0, (-1.0, 1.0))
+    deltas = {"sft_vs_golden_l1_nar": ((0.2, (0.1, 0.3)), none),
+              "round1_vs_sft": ((-0.1, (-0.2, -0.01)), none),
+              "round3_vs_round1": ((0.05, (-0.01, 0.1)), none),  # not measurably worse: held
+              "control_vs_round3": ((0.04, (-0.02, 0.1)), none),  # the control is not measurably worse: not held
+              "round3_vs_sft": (none, (-0.03, (-0.05, -0.01)))}  # SIM measurably lower: not held
+    _, rows = claims(fake_report(deltas, {"sft": 0.7, "round1": 0.65, "round2": 0.66, "round3": 0.6}), 3)
+    assert [ok for _, _, ok in rows] == [True, True, True, False, False, False]  # 0.65 -> 0.66 is no fall
+    deltas["control_vs_round3"] = ((0.1, (0.01, 0.2)), none)
+    deltas["round3_vs_sft"] = (none, (-0.01, (-0.03, 0.0)))
+    deltas["round3_vs_round1"] = ((0.08, (0.01, 0.15)), none)
+    _, rows = claims(fake_report(deltas, {"sft": 0.7, "round1": 0.65, "round2": 0.62, "round3": 0.6}), 3)
+    assert [ok for _, _, ok in rows] == [True, True, False, True, True, True]
+    assert "+0.080 [+0.010, +0.150]" in rows[2][1]
