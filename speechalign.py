@@ -119,7 +119,9 @@ class Block(nn.Module):
             s, n = cache["n"], cache["n"] + T
             cache["k"][:, :, s:n], cache["v"][:, :, s:n], cache["n"] = k, v, n
             k, v = cache["k"][:, :, :n], cache["v"][:, :, :n]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))  # mask [B, T, T_keys]
+        # mask [B, T, T_keys], or None for plain causal attention over an uncached sequence (no mask to build or read)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.unsqueeze(1),
+                                           is_causal=mask is None)
         x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
         return x + self.mlp(self.ln2(x))
 
@@ -264,7 +266,10 @@ class AR(CodecLM):
 
     def forward(self, text, audio, is_audio, pos, valid, caches=None, mask=None, **_):
         x = self.embed(text, audio, is_audio, pos)
-        return self.head(self.trunk(x, attention_mask(valid, causal=True) if mask is None else mask, caches))
+        if mask is None and (caches is not None or (valid[:, 1:] & ~valid[:, :-1]).any()):
+            mask = attention_mask(valid, causal=True)
+        # else right-padded (training, scoring): causal attention alone never lets a real token see padding
+        return self.head(self.trunk(x, mask, caches))
 
     @torch.no_grad()
     def generate(self, texts, prompts, temperature=1.0, top_k=None, top_p=None, max_ratio=8.0,

@@ -168,6 +168,23 @@ def test_ar_right_padding_invariance():
     assert torch.isfinite(both).all()  # padding rows are not NaN either
 
 
+def test_ar_causal_path_matches_the_mask_and_is_not_taken_for_left_padding():
+    """A right-padded batch (training, scoring) runs SDPA's is_causal path instead of building the mask; the real
+    positions' logits are those of the explicit mask. The same rows left-padded must build the mask (else real
+    tokens would see the padding before them) and give the same logits."""
+    torch.manual_seed(0)
+    ar = AR(cfg()).eval()
+    b = ar.batch(examples([(3, 2, 4), (6, 5, 9)]))
+    pad = (~b["valid"]).sum(1).tolist()
+    left = {k: torch.stack([row.roll(p, -1) for row, p in zip(v, pad)]) for k, v in b.items()}
+    with torch.no_grad():
+        fast = ar(**b)
+        masked = ar(**b, mask=attention_mask(b["valid"], causal=True))
+        shifted = ar(**left)
+    torch.testing.assert_close(fast[b["valid"]], masked[b["valid"]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shifted[left["valid"]], masked[b["valid"]], rtol=1e-5, atol=1e-5)
+
+
 def test_attention_mask_by_hand():
     valid = torch.tensor([[True, True, True, False]])
     causal = attention_mask(valid, causal=True)[0].int().tolist()
