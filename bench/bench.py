@@ -117,9 +117,9 @@ def median_row(seconds, **fields):
 # -----------------------------------------------------------------------------------------------------------
 # The models compared: our AR, and transformers' GPT-2 of the same width, depth, heads and vocabulary
 
-def ar_config(args, max_audio, **kw):
+def ar_config(args, max_audio):
     return LMConfig(n_text=args.n_text, card=(args.card,), d_model=args.d_model, n_layer=args.n_layer,
-                    n_head=args.n_head, dropout=args.dropout, max_text=max(256, args.text), max_audio=max_audio, **kw)
+                    n_head=args.n_head, dropout=args.dropout, max_text=max(256, args.text), max_audio=max_audio)
 
 
 def gpt2(args, n_positions):
