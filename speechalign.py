@@ -306,12 +306,13 @@ class AR(CodecLM):
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         hit_limit = torch.zeros(B, dtype=torch.bool, device=dev)
         lengths = torch.zeros(B, dtype=torch.long, device=dev)
-        step_logits = []
+        step_logits = [] if return_logits else None
         feed = (text, audio, is_audio, pos)
         mask = attention_mask(valid, causal=True)
         for step in range(int(limit.max())):
             logits = self(*feed, valid, caches=caches, mask=mask)[:, -1].float()
-            step_logits.append(logits)
+            if return_logits:
+                step_logits.append(logits)
             nxt = sample(logits, temperature, top_k, top_p, generator)
             is_eos = nxt == self.eos
             ended = ~done & (is_eos | (step + 1 >= limit))
@@ -539,6 +540,13 @@ def reference_logps(reference, pairs, idx, batch_size=32, device="cpu", desc=Non
     return {side: torch.cat(v) for side, v in out.items()}
 
 
+def autocast(precision, device):
+    """bf16 autocast, or none; sequence log-probs are fp32 either way. The reference's log-probs, the policy's
+    during training and the after-training metrics must come from the same precision, or pi != pi_ref at the
+    first step and the rewards start at noise, not at 0."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def train_round(policy, pairs, idx, ref, a, log=None):
     """One round of a.steps optimizer steps of a.batch_size pairs (or, with a.control, of golden utterances).
 
@@ -550,7 +558,6 @@ def train_round(policy, pairs, idx, ref, a, log=None):
     dev = policy.head.weight.device
     policy.eval()
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16")
     g = torch.Generator().manual_seed(a.seed)
     queue = []
     for step in tqdm(range(1, a.steps + 1), desc="control (SFT)" if a.control else "DPO", disable=log is None):
@@ -561,7 +568,7 @@ def train_round(policy, pairs, idx, ref, a, log=None):
         for group in opt.param_groups:
             group["lr"] = a.lr * min(1.0, step / max(1, a.warmup))
         rec = {"step": step, "lr": opt.param_groups[0]["lr"]}
-        with autocast:
+        with autocast(a.precision, dev):
             if a.control:
                 loss = lm_loss(policy, policy.batch(golden_examples(pairs, batch), device=dev))
             else:
@@ -703,7 +710,8 @@ def align(a):
                                  f"sample was empty or equal to its golden codes); nothing for DPO to learn from")
             # pi_ref = AR_t, the policy before this round's first step (eval mode, no grad); only its log-probs
             # are needed, so they are kept and nothing of the model. Before training pi = pi_ref: rewards 0.
-            ref = reference_logps(policy, pairs, idx, a.batch_size, dev, desc="reference log-probs")
+            with autocast(a.precision, dev):
+                ref = reference_logps(policy, pairs, idx, a.batch_size, dev, desc="reference log-probs")
             pairs["reference"] = ref | {"idx": torch.tensor(idx)}
             before = reward_metrics(ref, ref, a.beta)
         save_checkpoint(pairs_path, **pairs)
@@ -713,7 +721,8 @@ def align(a):
         metrics = dict(round=t, control=a.control, pairs=pairs["stats"], usable_pairs=len(idx),
                        train_seconds=round(time.time() - t0, 1), args=asdict(a))
         if not a.control:
-            after = reference_logps(policy, pairs, idx, a.batch_size, dev, desc="rewards after")
+            with autocast(a.precision, dev):
+                after = reference_logps(policy, pairs, idx, a.batch_size, dev, desc="rewards after")
             metrics |= {"before": before, "after": reward_metrics(after, ref, a.beta)}
         save_checkpoint(out_ckpt, kind="ar", config=asdict(policy.cfg), step=ckpt["step"], model=policy.state_dict(),
                         tokenizer={"symbols": tok.symbols, "kind": tok.kind}, codec=ckpt["codec"], round=t,

@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
-from speechalign import AR, AlignArgs, LMConfig, ar_logps, pair_examples, reference_logps, train_round  # noqa: E402
+from speechalign import (AR, AlignArgs, LMConfig, ar_logps, autocast, pair_examples, reference_logps,  # noqa: E402
+                         train_round)
 from train_codec_lm import train_step  # noqa: E402
 
 # bf16 dense peak of the GPUs we know, in TFLOP/s (first match in the device name wins)
@@ -207,10 +208,6 @@ def train_setup(args):
     return ours, adamw(ours), b
 
 
-def autocast(args):
-    return torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-
-
 def bench_train(args):
     ours, opt, b = train_setup(args)
     hf = gpt2(args, b["valid"].shape[1]).train()
@@ -219,14 +216,14 @@ def bench_train(args):
     labels = torch.where(b["is_audio"] & (b["pos"] >= args.prompt), ids, -100)  # the target frames (GPT-2 shifts)
 
     def hf_step():
-        with autocast(args):
+        with autocast(args.precision, args.device):
             loss = hf(input_ids=ids, labels=labels).loss
         hf_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         hf_opt.step()
 
-    times = race({"ours (train_step)": lambda: train_step(ours, opt, b, autocast(args), 1.0),
+    times = race({"ours (train_step)": lambda: train_step(ours, opt, b, autocast(args.precision, args.device), 1.0),
                   "transformers GPT-2": hf_step}, args)
     rows = [median_row(s, system=n, precision=args.precision, tokens=b["valid"].numel()) for n, s in times.items()]
     for r in rows:
@@ -271,12 +268,16 @@ def bench_dpo(args):
                  rejected=[torch.randint(0, args.card, (length(),), generator=g) for _ in ex], pair_utt=list(range(n)))
     idx = list(range(n))
     a = replace(AlignArgs(), steps=1, batch_size=n, warmup=1, precision=args.precision)
-    pre = reference_logps(reference, pairs, idx, n, dev)
+    with autocast(args.precision, dev):  # as align() takes it
+        pre = reference_logps(reference, pairs, idx, n, dev)
     steps = {"precomputed reference": lambda: train_round(policy, pairs, idx, pre, a),
              "live reference forward": lambda: train_round(policy, pairs, idx, live_reference(reference, pairs, idx,
                                                                                               dev), a)}
-    times = race(steps | {"reference_logps (once a round)": lambda: reference_logps(reference, pairs, idx, n, dev)},
-                 args)
+    def once_a_round():
+        with autocast(args.precision, dev):
+            return reference_logps(reference, pairs, idx, n, dev)
+
+    times = race(steps | {"reference_logps (once a round)": once_a_round}, args)
     peaks = {k: [peak_memory(fn, dev) for _ in range(args.runs)] for k, fn in steps.items()}
     ref_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
     rows = []
@@ -296,7 +297,7 @@ def bench_dpo(args):
                          "live / precomputed, step peak memory": rows[1]["peak_mb"] / rows[0]["peak_mb"]},
            notes="step peak: memory allocated during one train_round step above what was live before it "
                  "(activations, gradients, and AdamW's state, which train_round allocates at its first step); "
-                 "reference_logps runs outside autocast, as align() calls it")
+                 "reference_logps runs under the run's autocast, as align() calls it")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -319,7 +320,7 @@ def bench_mfu(args):
         return
     ours, opt, b = train_setup(args)
     flops = train_flops(ours, b)
-    s = race({"ours (train_step)": lambda: train_step(ours, opt, b, autocast(args), 1.0)}, args)["ours (train_step)"]
+    s = race({"ours (train_step)": lambda: train_step(ours, opt, b, autocast(args.precision, args.device), 1.0)}, args)["ours (train_step)"]
     r = median_row(s, system=f"AR {args.n_layer} x {args.d_model}, {args.card} codes", precision=args.precision,
                    tokens=b["valid"].numel(), tflops_per_step=flops / 1e12, peak_tflops=peak)
     r["tokens_per_s"] = r["tokens"] / r["median_s"]

@@ -302,3 +302,13 @@ def test_fresh_utterances_and_lr_decay_per_round(init_ckpt, tmp_path):
         assert lrs == pytest.approx([1e-3 * 0.5 ** (t - 1)] * 4)  # warmup 1: the full rate from step 1
     with pytest.raises(ValueError, match=r"has \d+ utterances; 3 x --n_utts 1000 needs 3000"):
         sa.align(args(init_ckpt, tmp_path / "big", "--rounds", "3", "--fresh_utts", "--n_utts", "1000"))
+
+
+def test_bf16_reference_equals_the_policy_at_the_first_step(init_ckpt, tmp_path):
+    """With --precision bf16 the reference's log-probs are taken under the same autocast as the policy's in
+    training: at the first step, before any update, the margin is 0 and the loss log 2 (an fp32 reference
+    against a bf16 policy missed this by ~0.1 nats per sequence on the toy model)."""
+    sa.align(args(init_ckpt, tmp_path, "--rounds", "1", "--precision", "bf16"))
+    first = json.loads(open(tmp_path / "round1/log.jsonl").readline())
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-3) and first["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-3) and first["rewards/rejected"] == pytest.approx(0.0, abs=1e-3)
