@@ -626,6 +626,9 @@ def get_args(argv=None):
     ap.add_argument("--n_boot", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0, help="seeds prompts, sampling, bootstrap and classifier folds")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (small models run fastest on one)")
+    ap.add_argument("--score_only", action="store_true", help="only generate and judge the --ar systems into "
+                    "OUT/cache, without the golden systems or a report (to score systems in several processes "
+                    "side by side; a final run without it writes the report from the cache)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes for decoding + ASR + speaker embedding "
                     "(one thread each; CPU); the results do not depend on it")
     return ap.parse_args(argv)
@@ -709,14 +712,16 @@ def main(argv=None):
         return out
 
     golden_codes = [g for _, _, g in examples]
-    results = {"golden": cached(args.out, base | {"what": "golden"},
-                                lambda: score("golden", golden_codes) | {"hit_limit": [False] * len(examples)})}
-    # golden layer 1 alone: what the NAR must improve on (its layers 2..Q should add the voice and detail)
-    results["golden_l1"] = cached(args.out, base | {"what": "golden_l1"}, lambda: score(
-        "golden_l1", [g[:1] for g in golden_codes]) | {"hit_limit": [False] * len(examples)})
     nar_key = file_key(args.nar, step=nar_ckpt.get("step"))
-    key = base | {"what": "golden_l1_nar", "nar": nar_key, "batch": args.batch_size}
-    results["golden_l1_nar"] = cached(args.out, key, lambda: run("golden_l1_nar", None, golden_layer1=True))
+    results = {}
+    if not args.score_only:
+        results["golden"] = cached(args.out, base | {"what": "golden"}, lambda: score(
+            "golden", golden_codes) | {"hit_limit": [False] * len(examples)})
+        # golden layer 1 alone: what the NAR must improve on (its layers 2..Q should add the voice and detail)
+        results["golden_l1"] = cached(args.out, base | {"what": "golden_l1"}, lambda: score(
+            "golden_l1", [g[:1] for g in golden_codes]) | {"hit_limit": [False] * len(examples)})
+        key = base | {"what": "golden_l1_nar", "nar": nar_key, "batch": args.batch_size}
+        results["golden_l1_nar"] = cached(args.out, key, lambda: run("golden_l1_nar", None, golden_layer1=True))
     for name, path in systems:
         ar, _, ckpt = load_model(path, "ar", device)
         key = base | {"what": "ar", "ar": file_key(path, step=ckpt.get("step")), "nar": nar_key,
@@ -724,6 +729,9 @@ def main(argv=None):
         results[name] = cached(args.out, key, lambda: run(name, ar)) | {"checkpoint": path, "step": ckpt.get("step")}
         del ar, ckpt  # one AR in memory at a time
     judges.close()
+    if args.score_only:
+        print(f"scored {', '.join(results)} into {os.path.join(args.out, 'cache')}")
+        return
 
     golden_l1 = [g[0].tolist() for g in golden_codes]
     S, chance, pairwise = summarize(results, refs, splits, golden_l1, codec.card[0], args.n_boot, args.seed)

@@ -7,22 +7,23 @@
 Every stage is one of the project's scripts, run as a subprocess with its own progress bars; each resumes or
 skips what it finished before (speechalign.py keeps finished rounds, eval.py caches every scored system,
 pretraining resumes from its checkpoint), so re-running this command after an interruption carries on.
-On two cores, two branches run side by side:
-    DPO rounds 1..R                     |  control (continued SFT), then eval.py on the baselines + the SFT model
-    eval.py on every system, judging in two worker processes -> the claims checked on its numbers
-The last lines printed are the results table and the report's path (OUT/report.md).
+Two lanes run side by side, one per core:
+    DPO rounds 1..3                  |  control (continued SFT), then eval.py on the baselines + the SFT model
+    then each new system is scored (eval.py --score_only) by whichever lane is free
+    a last eval.py writes the report from the cache -> the claims checked on its numbers
+The last lines printed are the results table, the claims and the report's path (OUT/report.md).
 """
 import argparse
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 from speechalign import AlignArgs
 
 PY = sys.executable
-RUNNING = []  # stages started and not yet waited for: stopped if another stage fails
 
 # What differs between the presets; everything else is each script's default (AlignArgs: the toy recipe).
 PRESETS = {
@@ -51,28 +52,47 @@ SHIPPED = dict(ar="data/toy/sft_ar.pt", nar="data/toy/sft_nar.pt", codec="data/t
                train="data/toy/train_subset.pt", test_seen="data/toy/test_seen.pt", test_unseen="data/toy/test_unseen.pt")
 
 
-def start(name, cmd, timings, background=False):
-    """Start one stage; a background stage draws its bars on the terminal's second line (tqdm reads TQDM_*;
-    an empty TQDM_LEAVE clears each finished bar there)."""
-    print(f"\n== {name}: {' '.join(cmd)}", flush=True)
-    env = os.environ | ({"TQDM_POSITION": "1", "TQDM_LEAVE": ""} if background else {})
-    RUNNING.append((name, subprocess.Popen([PY, *cmd], env=env), time.time(), timings))
-    return RUNNING[-1]
+def schedule(tasks, timings, workers=2):
+    """Run tasks [(name, script args, names of the tasks it needs)] as subprocesses on `workers` lanes: a free
+    lane starts the first task in list order whose needs are done. Lane w draws its progress bars on terminal
+    line w (tqdm reads TQDM_*; an empty TQDM_LEAVE clears a finished bar there). If a task fails, the others
+    are stopped; everything finished is kept for the next run."""
+    done, started, running, failed = set(), set(), {}, []
+    cond = threading.Condition()
 
+    def lane(w):
+        while True:
+            with cond:
+                while not failed and (ready := [t for t in tasks if t[0] not in started and set(t[2]) <= done]) == [] \
+                        and len(started) < len(tasks):
+                    cond.wait()
+                if failed or not ready:
+                    return
+                name, cmd, _ = ready[0]
+                started.add(name)
+                print(f"\n== {name}: {' '.join(cmd)}", flush=True)
+                env = os.environ | ({"TQDM_POSITION": str(w), "TQDM_LEAVE": ""} if w else {})
+                t0, running[name] = time.time(), subprocess.Popen([PY, *cmd], env=env)
+            code = running[name].wait()
+            with cond:
+                del running[name]
+                if code:
+                    failed.append(f"{name} (exit {code})")
+                    for proc in running.values():
+                        proc.terminate()
+                else:
+                    done.add(name)
+                    timings[name] = round(time.time() - t0, 1)
+                    print(f"== {name}: done in {timings[name] / 60:.1f} min", flush=True)
+                cond.notify_all()
 
-def wait(job):
-    name, proc, t0, timings = job
-    RUNNING.remove(job)
-    if proc.wait() != 0:
-        for _, other, _, _ in RUNNING:
-            other.terminate()
-        sys.exit(f"stage {name!r} failed (exit {proc.returncode}); fix the cause and re-run: finished work is kept")
-    timings[name] = round(time.time() - t0, 1)
-    print(f"== {name}: done in {timings[name] / 60:.1f} min", flush=True)
-
-
-def run(name, cmd, timings):
-    wait(start(name, cmd, timings))
+    lanes = [threading.Thread(target=lane, args=(w,)) for w in range(workers)]
+    for t in lanes:
+        t.start()
+    for t in lanes:
+        t.join()
+    if failed:
+        sys.exit(f"stage {failed[0]} failed; fix the cause and re-run: finished work is kept")
 
 
 def from_scratch(out, p, timings):
@@ -83,26 +103,26 @@ def from_scratch(out, p, timings):
                  full=os.path.join(data, "train.pt"), test_seen=os.path.join(data, "test_seen.pt"),
                  test_unseen=os.path.join(data, "test_unseen.pt"),
                  ar=os.path.join(out, "sft", "sft_ar.pt"), nar=os.path.join(out, "sft", "sft_nar.pt"))
+    tasks = []
     if not os.path.exists(os.path.join(corpus, "test_unseen.jsonl")):  # written last
-        run("corpus", ["data/make_toy_corpus.py", "--out", corpus, *p["corpus"]], timings)
+        tasks.append(("corpus", ["data/make_toy_corpus.py", "--out", corpus, *p["corpus"]], []))
     if not os.path.exists(files["codec"]):
-        run("codec", ["data/fit_toy_codec.py", os.path.join(corpus, "train.jsonl"), files["codec"], *p["codec"]], timings)
-    for key, split, extra in (("full", "train", []), ("train", "train", p["subset"]),
-                              ("test_seen", "test_seen", []), ("test_unseen", "test_unseen", [])):
+        tasks.append(("codec", ["data/fit_toy_codec.py", os.path.join(corpus, "train.jsonl"), files["codec"],
+                                *p["codec"]], [t[0] for t in tasks]))
+    made = [t[0] for t in tasks]
+    for key, split, extra in (("full", "train", []), ("test_seen", "test_seen", []),
+                              ("test_unseen", "test_unseen", []), ("train", "train", p["subset"])):
         if not os.path.exists(files[key]):
-            run(f"tokenise {key}", ["data/tokenize_corpus.py", os.path.join(corpus, f"{split}.jsonl"), files[key],
-                                    "--codec", files["codec"], *extra], timings)
-    jobs = []
-    for i, model in enumerate(("ar", "nar")):
-        if os.path.exists(files[model]):
-            continue
+            tasks.append((f"tokenise {key}", ["data/tokenize_corpus.py", os.path.join(corpus, f"{split}.jsonl"),
+                                              files[key], "--codec", files["codec"], *extra], made))
+    for model in ("ar", "nar"):
         ckpt = os.path.join(out, "sft", f"{model}.pt")
-        os.makedirs(os.path.dirname(ckpt), exist_ok=True)
-        cmd = ["train_codec_lm.py", "--model", model, "--out", ckpt, "--train", files["full"], "--val",
-               files["test_seen"], "--export", files[model], *p[model]] + (["--resume"] if os.path.exists(ckpt) else [])
-        jobs.append(start(f"pretrain {model}", cmd, timings, background=i > 0))
-    for job in jobs:
-        wait(job)
+        if not os.path.exists(files[model]):
+            os.makedirs(os.path.dirname(ckpt), exist_ok=True)
+            cmd = ["train_codec_lm.py", "--model", model, "--out", ckpt, "--train", files["full"], "--val",
+                   files["test_seen"], "--export", files[model], *p[model]] + (["--resume"] if os.path.exists(ckpt) else [])
+            tasks.append((f"pretrain {model}", cmd, [t[0] for t in tasks if t[0].startswith("tokenise")]))
+    schedule(tasks, timings)
     return files
 
 
@@ -164,14 +184,17 @@ def main():
           "--test_unseen", files["test_unseen"], "--out", os.path.join(out, "eval"), *p["eval"]]
     sft, control = f"sft={files['ar']}", f"control={out}/control/round{rounds}/ar.pt"
 
-    # Two branches side by side: the DPO rounds here, the control and the baselines' evaluation beside them.
-    dpo = start("DPO rounds", [*align, "--out", os.path.join(out, "align")], timings)
-    wait(start("control", [*align, "--control", "--out", os.path.join(out, "control")], timings, background=True))
-    base = start("eval baselines", [*ev, "--ar", sft], timings, background=True)
-    wait(dpo)
-    wait(base)
-    systems = [sft] + [f"round{t}={out}/align/round{t}/ar.pt" for t in range(1, rounds + 1)] + [control]
-    run("eval", [*ev, "--jobs", "2", *(x for s in systems for x in ("--ar", s))], timings)
+    # Two lanes (2 cores): the DPO rounds in one, the control and the baselines' evaluation in the other; then
+    # each new system is scored by whichever lane is free, and a last eval.py writes the report from the cache.
+    systems = [f"round{t}={out}/align/round{t}/ar.pt" for t in range(1, rounds + 1)] + [control]
+    score = [(f"score {s.split('=')[0]}", [*ev, "--score_only", "--ar", s], ["control" if s == control else "DPO rounds"])
+             for s in [control] + systems[:-1]]
+    schedule([("DPO rounds", [*align, "--out", os.path.join(out, "align")], []),
+              ("control", [*align, "--control", "--out", os.path.join(out, "control")], []),
+              ("eval baselines", [*ev, "--ar", sft], []),
+              *score,
+              ("eval", [*ev, *(x for s in [sft] + systems for x in ("--ar", s))], [t[0] for t in score] + ["eval baselines"])],
+             timings)
     timings["this run (s)"] = round(time.time() - t0, 1)
     with open(timings_path, "w") as f:
         json.dump(timings, f, indent=1)
