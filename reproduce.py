@@ -186,9 +186,11 @@ def main():
 
     # Two lanes (2 cores): the DPO rounds in one, the control and the baselines' evaluation in the other; then
     # each new system is scored by whichever lane is free, and a last eval.py writes the report from the cache.
-    systems = [f"round{t}={out}/align/round{t}/ar.pt" for t in range(1, rounds + 1)] + [control]
-    score = [(f"score {s.split('=')[0]}", [*ev, "--score_only", "--ar", s], ["control" if s == control else "DPO rounds"])
-             for s in [control] + systems[:-1]]
+    # control_round1 against round1 is the equal-budget comparison after one round; control against round3 after all
+    controls = [f"control_round1={out}/control/round1/ar.pt", control]
+    systems = [f"round{t}={out}/align/round{t}/ar.pt" for t in range(1, rounds + 1)] + controls
+    score = [(f"score {s.split('=')[0]}", [*ev, "--score_only", "--ar", s], ["control" if s in controls else "DPO rounds"])
+             for s in controls + systems[:rounds]]
     schedule([("DPO rounds", [*align, "--out", os.path.join(out, "align")], []),
               ("control", [*align, "--control", "--out", os.path.join(out, "control")], []),
               ("eval baselines", [*ev, "--ar", sft], []),

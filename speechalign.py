@@ -618,8 +618,8 @@ class AlignArgs:
     control: bool = field(default=False, metadata={"help": "the paper's control: continued SFT on the golden "
                                                              "codes, same steps and examples per step, no sampling"})
     n_utts: int = field(default=300, metadata={"help": "training utterances x per round (the first n of --train)"})
-    fresh_utts: bool = field(default=False, metadata={"help": "round t takes the t-th block of n_utts utterances "
-                                                                "of --train instead of the same first n_utts each round"})
+    fresh_utts: bool = field(default=True, metadata={"help": "round t takes the t-th block of n_utts utterances of "
+                                                               "--train (--no-fresh_utts: the same first n_utts each round)"})
     k: int = field(default=2, metadata={"help": "rejected samples per utterance"})
     prompt_seconds: float = field(default=3.0, metadata={"help": "cross-sentence acoustic prompt length"})
     temperature: float = field(default=SAMPLING["temperature"], metadata={"help": "sampling of rejected codes"})
@@ -647,7 +647,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="SpeechAlign: iterative DPO of the AR on golden-vs-synthetic pairs.")
     for f in fields(AlignArgs):
         if f.type is bool:
-            ap.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+            ap.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                            help=f.metadata["help"])
         else:
             ap.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f"{f.metadata['help']} ({f.default})")
     return AlignArgs(**vars(ap.parse_args(argv)))

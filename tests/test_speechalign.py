@@ -300,6 +300,8 @@ def test_fresh_utterances_and_lr_decay_per_round(init_ckpt, tmp_path):
         assert all(torch.equal(c, g[0]) for c, (_, _, g) in zip(pairs["chosen"], pool[first:first + 6]))
         lrs = [json.loads(line)["lr"] for line in open(tmp_path / f"round{t}/log.jsonl")]
         assert lrs == pytest.approx([1e-3 * 0.5 ** (t - 1)] * 4)  # warmup 1: the full rate from step 1
+    sa.align(args(init_ckpt, tmp_path / "same", "--rounds", "2", "--no-fresh_utts", "--steps", "1"))
+    assert torch.load(tmp_path / "same/round2/pairs.pt", weights_only=True)["meta"]["first_utt"] == 0
     with pytest.raises(ValueError, match=r"has \d+ utterances; 3 x --n_utts 1000 needs 3000"):
         sa.align(args(init_ckpt, tmp_path / "big", "--rounds", "3", "--fresh_utts", "--n_utts", "1000"))
 
