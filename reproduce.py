@@ -150,8 +150,10 @@ def claims(report, rounds):
     rows.append((f"round {rounds} is no worse than round 1 (not measurably higher WER)",
                  f"WER {last} - round1 {show(v, ci)}", ci[0] <= 0))
     v, ci = d(f"control_vs_{last}")
-    rows.append(("DPO beats the continued-SFT control at equal budget",
+    rows.append((f"DPO beats the continued-SFT control at equal budget ({rounds} rounds)",
                  f"WER control - {last} {show(v, ci)}", ci[0] > 0))
+    v, ci = d("control_round1_vs_round1")
+    rows.append(("... and after 1 round", f"WER control_round1 - round1 {show(v, ci)}", ci[0] > 0))
     v, ci = d(f"{last}_vs_sft", "sim")
     rows.append(("SIM does not fall (not measurably lower than the SFT model's)",
                  f"SIM {last} - sft {show(v, ci)}", ci[1] >= 0))

@@ -36,7 +36,7 @@ def check_run(out, stdout):
     assert list(report["systems"]) == SYSTEMS and report["n_seen"] + report["n_unseen"] == 6
     md = (out / "report.md").read_text()
     rows = [line for line in md.splitlines() if line.endswith("| yes |") or line.endswith("| **no** |")]
-    assert len(rows) == 6 and all(row in lines for row in rows)  # the claims table, printed last but two
+    assert len(rows) == 7 and all(row in lines for row in rows)  # the claims table, printed last but two
     for png in ("metrics.png", "gap_pca.png", "training.png"):
         assert (out / "eval" / png).read_bytes()[:4] == b"\x89PNG"
     assert len(list((out / "eval" / "samples" / "round3").glob("*.wav"))) == 1
@@ -78,12 +78,13 @@ def test_claims_read_the_right_differences_and_ends_of_the_intervals():
               "round1_vs_sft": ((-0.1, (-0.2, -0.01)), none),
               "round3_vs_round1": ((0.05, (-0.01, 0.1)), none),  # not measurably worse: held
               "control_vs_round3": ((0.04, (-0.02, 0.1)), none),  # the control is not measurably worse: not held
+              "control_round1_vs_round1": ((0.07, (0.02, 0.12)), none),  # after one round it is: held
               "round3_vs_sft": (none, (-0.03, (-0.05, -0.01)))}  # SIM measurably lower: not held
     _, rows = claims(fake_report(deltas, {"sft": 0.7, "round1": 0.65, "round2": 0.66, "round3": 0.6}), 3)
-    assert [ok for _, _, ok in rows] == [True, True, True, False, False, False]  # 0.65 -> 0.66 is no fall
+    assert [ok for _, _, ok in rows] == [True, True, True, False, True, False, False]  # 0.65 -> 0.66 is no fall
     deltas["control_vs_round3"] = ((0.1, (0.01, 0.2)), none)
     deltas["round3_vs_sft"] = (none, (-0.01, (-0.03, 0.0)))
     deltas["round3_vs_round1"] = ((0.08, (0.01, 0.15)), none)
     _, rows = claims(fake_report(deltas, {"sft": 0.7, "round1": 0.65, "round2": 0.62, "round3": 0.6}), 3)
-    assert [ok for _, _, ok in rows] == [True, True, False, True, True, True]
+    assert [ok for _, _, ok in rows] == [True, True, False, True, True, True, True]
     assert "+0.080 [+0.010, +0.150]" in rows[2][1]
