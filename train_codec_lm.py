@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from codec import load_corpus
-from speechalign import AR, NAR, LMConfig, TextTokenizer, lm_loss, make_examples, save_checkpoint
+from speechalign import AR, NAR, LMConfig, TextTokenizer, autocast, lm_loss, make_examples, save_checkpoint
 
 
 def get_args(argv=None):
@@ -93,10 +93,10 @@ def batch_for_step(model, examples_for, step, args, world, rank, device):
     return model.batch(chosen, j, device=device)
 
 
-def train_step(net, opt, b, autocast, grad_clip):
-    """One optimizer step on batch b (forward under `autocast`, backward, gradient clip, AdamW); returns the loss
-    and the gradient norm. `net` may be the DDP wrapper; bench/bench.py times this step."""
-    with autocast:
+def train_step(net, opt, b, amp, grad_clip):
+    """One optimizer step on batch b (forward under the autocast context `amp`, backward, gradient clip, AdamW);
+    returns the loss and the gradient norm. `net` may be the DDP wrapper; bench/bench.py times this step."""
+    with amp:
         loss = lm_loss(net, b)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -185,7 +185,7 @@ def main(argv=None):
     log = open(log_path, "a" if ckpt else "w") if master else None
     on_cuda = "cuda" in str(device)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and on_cuda)
-    autocast = torch.autocast("cuda" if on_cuda else "cpu", dtype=torch.bfloat16, enabled=bf16)
+    amp = autocast("bf16" if bf16 else "fp32", device)
 
     def checkpoint(path=args.out, full=True, dtype=None):
         weights = {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in model.state_dict().items()}
@@ -203,7 +203,7 @@ def main(argv=None):
         b = batch_for_step(model, examples_for, step, args, world, rank, device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        loss, norm = train_step(net, opt, b, autocast, args.grad_clip)
+        loss, norm = train_step(net, opt, b, amp, args.grad_clip)
         step += 1
         tokens += int(b["valid"].sum()) * world
         if master:
