@@ -183,7 +183,7 @@ def main():
     align = ["speechalign.py", "--init", files["ar"], *data, "--precision", "bf16", "--threads", "1", *p["align"]]
     rounds = AlignArgs.rounds
     ev = ["eval.py", "--nar", files["nar"], "--codec", files["codec"], "--test_seen", files["test_seen"],
-          "--test_unseen", files["test_unseen"], "--out", os.path.join(out, "eval"), *p["eval"]]
+          "--test_unseen", files["test_unseen"], "--nar_precision", "bf16", "--out", os.path.join(out, "eval"), *p["eval"]]
     sft, control = f"sft={files['ar']}", f"control={out}/control/round{rounds}/ar.pt"
 
     # Two lanes (2 cores): the DPO rounds in one, the control and the baselines' evaluation in the other; then

@@ -178,6 +178,13 @@ def attention_mask(valid, causal):
     return mask | torch.eye(T, dtype=torch.bool, device=valid.device)
 
 
+def autocast(precision, device):
+    """bf16 autocast, or none; sequence log-probs are fp32 either way. In DPO the reference's log-probs, the
+    policy's during training and the after-training metrics must come from the same precision, or pi != pi_ref
+    at the first step and the rewards start at noise, not at 0."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Examples and acoustic prompts. An example is (text ids, prompt codes [Q, Lp], target codes [Q, Lg]).
 # The prompt is, as in VALL-E's evaluation, about 3 s of *another* utterance of the same speaker
@@ -383,13 +390,16 @@ class NAR(CodecLM):
         return self.heads[j - 1](self.trunk(x, attention_mask(valid, causal=False)))
 
     @torch.no_grad()
-    def generate(self, texts, prompts, layer1):
-        """Greedy layers 2..Q for each (text, prompt [Q, Lp], layer-1 codes [T]) -> list of codes [Q, T]."""
+    def generate(self, texts, prompts, layer1, precision="fp32"):
+        """Greedy layers 2..Q for each (text, prompt [Q, Lp], layer-1 codes [T]) -> list of codes [Q, T].
+        Each layer is one full pass over the batch, bound by its matmuls: bf16 halved their time on a CPU with
+        AVX512-BF16 (the toy NAR trained under bf16 autocast too)."""
         dev = self.layer_emb.weight.device
         codes = [c.view(1, -1).to(dev) for c in layer1]
         for j in range(1, len(self.cfg.card)):
             b = self.batch([(t, p, c) for t, p, c in zip(texts, prompts, codes)], j, device=dev)
-            pred = self(**b).argmax(-1)
+            with autocast(precision, dev):
+                pred = self(**b).argmax(-1)
             codes = [torch.cat([c, pred[i, len(t) + p.shape[1]:len(t) + p.shape[1] + c.shape[1]].unsqueeze(0)])
                      for i, (t, p, c) in enumerate(zip(texts, prompts, codes))]
         return [c.cpu() for c in codes]
@@ -399,11 +409,12 @@ class NAR(CodecLM):
 # From (text, prompt) to a waveform: AR samples layer 1, NAR fills in 2..Q, the codec decodes.
 
 @torch.no_grad()
-def synthesise(ar, nar, texts, prompts, codec=None, **sampling):
-    """Returns (codes [Q, T_i] per example, hit_limit [B]) and, if a codec is given, the waveforms too."""
+def synthesise(ar, nar, texts, prompts, codec=None, nar_precision="fp32", **sampling):
+    """Returns (codes [Q, T_i] per example, hit_limit [B]) and, if a codec is given, the waveforms too. The AR
+    samples in fp32: its one-token steps are too small to gain from bf16 (they were slower under autocast)."""
     layer1, hit_limit = ar.generate(texts, prompts, **sampling)
     layer1 = [c if len(c) else torch.zeros(1, dtype=torch.long) for c in layer1]  # an immediate EOS: 1 frame
-    codes = nar.generate(texts, prompts, layer1)
+    codes = nar.generate(texts, prompts, layer1, nar_precision)
     if codec is None:
         return codes, hit_limit
     return codes, hit_limit, [codec.decode(c)[0] for c in codes]
@@ -538,13 +549,6 @@ def reference_logps(reference, pairs, idx, batch_size=32, device="cpu", desc=Non
         for side in out:
             out[side].append(ar_logps(reference, pair_examples(pairs, chunk, side), device)[0].cpu())
     return {side: torch.cat(v) for side, v in out.items()}
-
-
-def autocast(precision, device):
-    """bf16 autocast, or none; sequence log-probs are fp32 either way. The reference's log-probs, the policy's
-    during training and the after-training metrics must come from the same precision, or pi != pi_ref at the
-    first step and the rewards start at noise, not at 0."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def train_round(policy, pairs, idx, ref, a, log=None):

@@ -341,9 +341,15 @@ def test_nar_overfits_and_greedy_reproduces_targets():
     ex = examples([(4, 5, 6), (6, 3, 8)], seed=1)
     losses = overfit(nar, [nar.batch(ex, j) for j in range(1, len(CARD))])
     assert max(losses) < 0.05, losses
-    out = nar.generate([t for t, _, _ in ex], [p for _, p, _ in ex], [g[0] for _, _, g in ex])
-    for o, (_, _, g) in zip(out, ex):
-        assert torch.equal(o, g)
+    dtypes = []  # what the heads compute in: bf16 passes are asked for by eval.py --nar_precision bf16
+    for head in nar.heads:
+        head.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        dtypes.clear()
+        out = nar.generate([t for t, _, _ in ex], [p for _, p, _ in ex], [g[0] for _, _, g in ex], precision)
+        for o, (_, _, g) in zip(out, ex):
+            assert torch.equal(o, g), precision
+        assert dtypes == [dtype] * (len(CARD) - 1)
 
 
 # -----------------------------------------------------------------------------------------------------------
