@@ -382,6 +382,15 @@ def gap_classifier_acc(golden, synthetic, card, folds=5, seed=0):
     return correct / (2 * n)
 
 
+def wilson(p, n, z=1.96):
+    """95% Wilson score interval of a proportion p observed in n trials. For the classifier's 2n held-out
+    decisions it treats them as independent, though each utterance gives two: read it as approximate."""
+    shrink = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / shrink
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / shrink
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Uncertainty: a paired bootstrap over utterances. Every call with the same seed and n resamples the same
 # utterances, so a difference between two systems is measured on identical resamples of the test list.
@@ -428,6 +437,7 @@ def summarize(results, refs, splits, golden_l1, card, n_boot, seed):
             s["gap"] = dict(wer_golden_ar=ref["wer"], wer_synthetic_ar=s["wer"], sim_golden_ar=ref["sim"],
                             sim_synthetic_ar=s["sim"],
                             classifier_acc=gap_classifier_acc(golden_l1, res["layer1"], card, seed=seed))
+            s["gap"]["classifier_acc_ci"] = wilson(s["gap"]["classifier_acc"], 2 * len(golden_l1))
         s["per_utterance"] = [dict(hyp=h, errors=int(e), sim=round(si, 4), sim_to_golden=round(sg, 4))
                               for h, e, si, sg in zip(res["hyps"], errors, res["sims"], sim_golden)]
         S[name] = s
@@ -593,7 +603,7 @@ def markdown(r):
              "| system | WER golden L1 → AR's L1 | SIM golden L1 → AR's L1 | golden-vs-synthetic classifier acc "
              "(0.5: no gap) | golden NLL (nats/token) | hit length limit |", "|---|---|---|---|---|---|"]
     lines += [f"| {name} | {fmt(g['wer_golden_ar'])} → {fmt(g['wer_synthetic_ar'])} | {fmt(g['sim_golden_ar'])} → "
-              f"{fmt(g['sim_synthetic_ar'])} | {fmt(g['classifier_acc'], '.2f')} | {fmt(s['golden_nll'])} | "
+              f"{fmt(g['sim_synthetic_ar'])} | {fmt(g['classifier_acc'], '.2f', g['classifier_acc_ci'])} | {fmt(s['golden_nll'])} | "
               f"{s['hit_limit_rate']:.1%} |" for name, s in S.items() if (g := s["gap"])]
     lines += ["", "## Differences (A_vs_B = A minus B)", "", "| pair | ΔWER [95% CI] | ΔSIM [95% CI] |",
               "|---|---|---|"]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from codec import MelRVQCodec, load_corpus
-from eval import NORMALIZATION, bootstrap, corpus_rate, corpus_wer, fit_logistic, gap_classifier_acc, main, mean
+from eval import NORMALIZATION, bootstrap, corpus_rate, corpus_wer, fit_logistic, gap_classifier_acc, main, mean, wilson
 from eval import test_set as build_test_set  # under its own name pytest would collect it as a test
 from speechalign import load_model
 
@@ -83,6 +83,14 @@ def test_gap_classifier_chance_on_identical_inputs_and_perfect_on_separable_ones
     assert abs(acc - 0.5) < 0.1, acc  # 400 held-out decisions: SD of the accuracy about 0.025
     acc = gap_classifier_acc(_draw(60, zipf, g), _draw(60, zipf.roll(128), g), card=256)
     assert acc == 1.0
+
+
+def test_wilson_interval_matches_published_values():
+    # Newcombe (1998), Statistics in Medicine 17:857, table I: 81/263 -> 0.2553-0.3662, 15/148 -> 0.0624-0.1605
+    assert wilson(81 / 263, 263) == pytest.approx([0.2553, 0.3662], abs=1e-4)
+    assert wilson(15 / 148, 148) == pytest.approx([0.0624, 0.1605], abs=1e-4)
+    lo, hi = wilson(0.0, 10)  # unlike the normal approximation, never a zero-width or negative interval
+    assert lo == pytest.approx(0.0, abs=1e-12) and 0.2 < hi < 0.35
 
 
 def test_logistic_regression_matches_sklearn():

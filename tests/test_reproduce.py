@@ -68,7 +68,7 @@ def fake_report(deltas, accs):
     """A report with the given pairwise (delta, ci) of WER and SIM and classifier accuracies."""
     pairwise = {k: {"delta_wer": w[0], "delta_wer_ci": w[1], "delta_sim": s[0], "delta_sim_ci": s[1]}
                 for k, (w, s) in deltas.items()}
-    systems = {n: {"gap": {"classifier_acc": a}} for n, a in accs.items()}
+    systems = {n: {"gap": {"classifier_acc": a, "classifier_acc_ci": [a - 0.05, a + 0.05]}} for n, a in accs.items()}
     return {"systems": systems, "pairwise": pairwise}
 
 
@@ -88,3 +88,4 @@ def test_claims_read_the_right_differences_and_ends_of_the_intervals():
     _, rows = claims(fake_report(deltas, {"sft": 0.7, "round1": 0.65, "round2": 0.62, "round3": 0.6}), 3)
     assert [ok for _, _, ok in rows] == [True, True, False, True, True, True, True]
     assert "+0.080 [+0.010, +0.150]" in rows[2][1]
+    assert "0.620 [0.570, 0.670] → 0.600 [0.550, 0.650]" in rows[6][1]
