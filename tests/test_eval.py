@@ -242,3 +242,31 @@ def test_refuses_a_checkpoint_of_another_codec(tiny, tmp_path):
         main(["--ar", str(bad), *args])
     with pytest.raises(SystemExit, match="unique"):
         main(["--ar", f"golden={tiny / 'ar.pt'}", *args])
+
+
+class FakeWhisper:
+    """Stands in for faster-whisper: answers `looping` greedily (compression ratio from its text, as Whisper
+    computes it) and `fixed` when repeated 3-grams are banned; records each call's options."""
+
+    def __init__(self, looping, fixed):
+        self.looping, self.fixed, self.calls = looping, fixed, []
+
+    def transcribe(self, audio, **options):
+        import zlib
+        from types import SimpleNamespace
+        self.calls.append(options)
+        text = self.fixed if options.get("no_repeat_ngram_size") else self.looping
+        ratio = len(text.encode()) / len(zlib.compress(text.encode()))
+        return iter([SimpleNamespace(text=f" {text} ", compression_ratio=ratio)]), None
+
+
+def test_transcribe_redoes_a_repetition_loop_deterministically():
+    from eval import transcribe
+    wav = torch.zeros(16000)
+    loop = FakeWhisper("many big dark" + " dark" * 200, "many big dark rockets")
+    assert transcribe(loop, wav, 16000) == "many big dark rockets"
+    assert [c.get("no_repeat_ngram_size") for c in loop.calls] == [None, 3]
+    assert all(c["temperature"] == 0.0 and c["beam_size"] == 1 for c in loop.calls)  # greedy, never sampled
+    plain = FakeWhisper("many big dark librarys opened those strange rockets", "unused")
+    assert transcribe(plain, wav, 16000) == "many big dark librarys opened those strange rockets"
+    assert len(plain.calls) == 1
