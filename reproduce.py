@@ -178,8 +178,8 @@ def main():
     out, p = args.out or os.path.join("runs", args.preset), PRESETS[args.preset]
     os.makedirs(out, exist_ok=True)
     timings_path = os.path.join(out, "timings.json")
-    timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}  # earlier runs' stages
-    t0 = time.time()
+    runs = json.load(open(timings_path)) if os.path.exists(timings_path) else []  # earlier runs' stage times (s)
+    timings, t0 = {}, time.time()
     files = from_scratch(out, p, timings) if args.from_scratch else SHIPPED
     data = ["--train", files["train"]]
     align = ["speechalign.py", "--init", files["ar"], *data, "--precision", "bf16", "--threads", "1", *p["align"]]
@@ -201,17 +201,22 @@ def main():
               *score,
               ("eval", [*ev, *(x for s in [sft] + systems for x in ("--ar", s))], [t[0] for t in score] + ["eval baselines"])],
              timings)
-    timings["this run (s)"] = round(time.time() - t0, 1)
-    with open(timings_path, "w") as f:
-        json.dump(timings, f, indent=1)
+    timings["total"] = round(time.time() - t0, 1)
+    runs.append(timings)
+    with open(timings_path + ".tmp", "w") as f:
+        json.dump(runs, f, indent=1)
+    os.replace(timings_path + ".tmp", timings_path)
 
     report = json.load(open(os.path.join(out, "eval", "report.json")))
     claim_table, _ = claims(report, rounds)
     eval_md = open(os.path.join(out, "eval", "report.md")).read()
     results_table = eval_md.split("\n\n")[1].splitlines()  # the systems table comes first in eval's report
-    stages = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
+    stages = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items() if k != "total")
+    earlier = ", ".join(f"{r['total'] / 60:.1f} min" for r in runs[:-1])
+    earlier = f"; earlier runs into {out}: {earlier} (what they finished was skipped here)" if earlier else ""
     md = [f"# SpeechAlign toy reproduction ({args.preset} preset)", "", "## The paper's claims", "", *claim_table, "",
-          f"Wall time: {stages}. Command: `python reproduce.py --preset {args.preset}"
+          f"Wall time of this run: {timings['total'] / 60:.1f} min ({stages}){earlier}.",
+          f"Command: `python reproduce.py --preset {args.preset}"
           f"{' --from_scratch' if args.from_scratch else ''} --out {out}`.", "",
           "Plots: `eval/metrics.png`, `eval/gap_pca.png`, `eval/training.png`; WAVs: `eval/samples/`.", "",
           eval_md.replace("# Evaluation report", "## Evaluation")]
@@ -219,7 +224,7 @@ def main():
         f.write("\n".join(md))
     os.replace(os.path.join(out, "report.md.tmp"), os.path.join(out, "report.md"))
     print("\n" + "\n".join(results_table) + "\n\n" + "\n".join(claim_table))
-    print(f"\nwall time this run: {timings['this run (s)'] / 60:.1f} min")
+    print(f"\nwall time this run: {timings['total'] / 60:.1f} min")
     print(f"report: {os.path.join(out, 'report.md')}")
 
 

@@ -52,6 +52,9 @@ def test_smoke_preset_runs_end_to_end_and_a_rerun_redoes_nothing(tmp_path):
     check_run(out, again.stdout)
     assert outputs(out) == before  # no checkpoint, pairs file or cached evaluation was rewritten
     assert "round 3: done before" in again.stdout
+    runs = json.loads((out / "timings.json").read_text())  # both runs' stage times are kept
+    assert len(runs) == 2 and all("DPO rounds" in r and r["total"] > 0 for r in runs)
+    assert f"earlier runs into {out}: {runs[0]['total'] / 60:.1f} min" in (out / "report.md").read_text()
 
 
 @pytest.mark.skipif(not (shutil.which("flite") and shutil.which("espeak-ng")), reason="needs flite and espeak-ng")
