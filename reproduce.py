@@ -179,6 +179,7 @@ def main():
     os.makedirs(out, exist_ok=True)
     timings_path = os.path.join(out, "timings.json")
     runs = json.load(open(timings_path)) if os.path.exists(timings_path) else []  # earlier runs' stage times (s)
+    runs = runs if isinstance(runs, list) else []  # one dict, from before runs were kept apart: no total to show
     timings, t0 = {}, time.time()
     files = from_scratch(out, p, timings) if args.from_scratch else SHIPPED
     data = ["--train", files["train"]]
