@@ -174,7 +174,8 @@ def _decode(asr, audio, **options):
     segments, _ = asr.transcribe(audio, language="en", beam_size=1, temperature=0.0, vad_filter=False,
                                  condition_on_previous_text=False, **options)
     segments = list(segments)  # lazy: this runs the model
-    return " ".join(s.text.strip() for s in segments).strip(), max((s.compression_ratio for s in segments), default=0.0)
+    ratio = max((s.compression_ratio for s in segments), default=0.0)
+    return " ".join(s.text.strip() for s in segments).strip(), ratio
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -618,7 +619,8 @@ def markdown(r):
              "| system | WER golden L1 → AR's L1 | SIM golden L1 → AR's L1 | golden-vs-synthetic classifier acc "
              "(0.5: no gap) | golden NLL (nats/token) | hit length limit |", "|---|---|---|---|---|---|"]
     lines += [f"| {name} | {fmt(g['wer_golden_ar'])} → {fmt(g['wer_synthetic_ar'])} | {fmt(g['sim_golden_ar'])} → "
-              f"{fmt(g['sim_synthetic_ar'])} | {fmt(g['classifier_acc'], '.2f', g['classifier_acc_ci'])} | {fmt(s['golden_nll'])} | "
+              f"{fmt(g['sim_synthetic_ar'])} | {fmt(g['classifier_acc'], '.2f', g['classifier_acc_ci'])} | "
+              f"{fmt(s['golden_nll'])} | "
               f"{s['hit_limit_rate']:.1%} |" for name, s in S.items() if (g := s["gap"])]
     lines += ["", "## Differences (A_vs_B = A minus B)", "", "| pair | ΔWER [95% CI] | ΔSIM [95% CI] |",
               "|---|---|---|"]
@@ -777,7 +779,8 @@ def main(argv=None):
         normalization=NORMALIZATION, wer_kind="corpus-level (total errors / total reference words)",
         sim_kind="cosine of Resemblyzer embeddings of the generated speech and of its prompt decoded by the codec "
                  "(`sim`), and of the golden resynthesis of the same utterance (`sim_to_golden`)",
-        codec=codec.name, nar=f"{args.nar} ({args.nar_precision})", sampling=sampling, seed=args.seed, prompt_seconds=args.prompt_seconds,
+        codec=codec.name, nar=f"{args.nar} ({args.nar_precision})", sampling=sampling, seed=args.seed,
+        prompt_seconds=args.prompt_seconds,
         n_seen=splits.count("seen"), n_unseen=splits.count("unseen"), n_boot=args.n_boot,
         test=[dict(id=i, split=sp, ref=r, ref_words=w) for i, sp, r, w in zip(ids, splits, refs, words)])
     write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=1))
