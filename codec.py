@@ -296,9 +296,10 @@ def codec_info(codec):
             "sample_rate": codec.sample_rate, "params": codec.params()}
 
 
-def save_corpus(path, codec, rows, codes, source, skipped):
-    """Write a tokenised corpus atomically. rows: dicts with id, text, phonemes, speaker; codes: [Q, T_i] each."""
-    corpus = {
+def save_corpus(path, codec, rows, codes, source, skipped, **extra):
+    """Write a tokenised corpus atomically. rows: dicts with id, text, phonemes, speaker; codes: [Q, T_i] each;
+    extra: more keys to store (data/tokenize_corpus.py's shards keep the manifest rows they cover)."""
+    corpus = extra | {
         "codec": codec_info(codec),
         "ids": [r["id"] for r in rows], "texts": [r["text"] for r in rows],
         "phonemes": [r.get("phonemes", "") for r in rows], "speakers": [r["speaker"] for r in rows],

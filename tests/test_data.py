@@ -66,6 +66,82 @@ def test_tokenize_keeps_good_skips_bad_and_lists_why(tmp_path, codec_path):
     assert "skipped 4" in res.stdout
 
 
+TOY_CODEC = os.path.join(ROOT, "data", "toy", "codec.pt")
+
+
+def test_tokenize_skips_nan_and_infinite_audio_and_lists_its_line(tmp_path):
+    nan, inf = voice(0.8, 150, 2).numpy(), voice(0.8, 150, 3).numpy()
+    nan[100], inf[200] = np.nan, -np.inf
+    for name, wav in [("a", voice(0.8, 150, 1).numpy()), ("nan", nan), ("inf", inf), ("b", voice(0.8, 200, 4).numpy())]:
+        sf.write(tmp_path / f"{name}.wav", wav, SR, subtype="FLOAT")  # float WAVs can hold NaN and inf
+    rows = [{"id": i, "audio": f"{i}.wav", "text": f"say {i}", "speaker": "s1"} for i in ["a", "nan", "inf", "b"]]
+    res = tokenize(write_manifest(tmp_path, rows), tmp_path / "out.pt", TOY_CODEC)
+    assert res.returncode == 0, res.stderr
+    corpus = load_corpus(tmp_path / "out.pt")
+    assert corpus["ids"] == ["a", "b"]
+    assert [(s["line"], s["id"]) for s in corpus["skipped"]] == [(2, "nan"), (3, "inf")]
+    assert all("NaN or infinite" in s["reason"] for s in corpus["skipped"])
+    assert "m.jsonl:2 (nan)" in res.stdout and "m.jsonl:3 (inf)" in res.stdout
+
+
+@pytest.fixture(scope="module")
+def tokenize_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tokenize_corpus", TOKENIZE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class CountingCodec:
+    """The toy codec, counting its encode calls; call number `stop` raises KeyboardInterrupt (a Ctrl-C)."""
+
+    def __init__(self, stop=None):
+        self.codec, self.calls, self.stop = MelRVQCodec.load(TOY_CODEC), 0, stop
+
+    def __getattr__(self, name):
+        return getattr(self.codec, name)
+
+    def encode(self, wav, sr):
+        self.calls += 1
+        if self.calls == self.stop:
+            raise KeyboardInterrupt
+        return self.codec.encode(wav, sr)
+
+
+def test_an_interrupted_tokenisation_carries_on_and_ends_as_an_uninterrupted_one(tmp_path, tokenize_module,
+                                                                                 monkeypatch):
+    """7 manifest lines (line 3 unreadable), parts of 3 lines: encode call 4 (line 5) is interrupted; the part
+    with line 4, finished after the last periodic part, is saved on the way out. The next run encodes lines 5-7
+    only, and writes the same bytes as a run that was never interrupted."""
+    names = ["g0", "g1", "junk", "g2", "g3", "g4", "g5"]
+    for k, name in enumerate(names):
+        sf.write(tmp_path / f"{name}.wav", voice(0.5 + 0.1 * k, 120 + 20 * k, k).numpy(), SR)
+    (tmp_path / "junk.wav").write_text("not audio")
+    manifest = write_manifest(tmp_path, [{"id": n, "audio": f"{n}.wav", "text": f"say {n}", "speaker": "s"}
+                                         for n in names])
+    (tmp_path / "once").mkdir()
+    (tmp_path / "twice").mkdir()
+
+    def run(out, codec, *extra):
+        monkeypatch.setattr(tokenize_module, "load_codec", lambda spec: codec)
+        tokenize_module.main([str(manifest), str(out), "--codec", TOY_CODEC, "--shard_size", "3", *extra])
+
+    run(tmp_path / "once" / "out.pt", CountingCodec())
+    out, parts = tmp_path / "twice" / "out.pt", tmp_path / "twice" / "out.pt.partial"
+    with pytest.raises(KeyboardInterrupt):
+        run(out, CountingCodec(stop=4))
+    assert sorted(p.name for p in parts.iterdir()) == ["000000000.pt", "000000003.pt"] and not out.exists()
+    with pytest.raises(SystemExit, match="000000000.pt: .*other manifest lines, another codec or --max_seconds"):
+        run(out, CountingCodec(), "--max_seconds", "5")  # another setting cannot reuse the parts
+    resumed = CountingCodec()
+    run(out, resumed)
+    assert resumed.calls == 3  # g3, g4, g5: nothing finished before is encoded again
+    assert out.read_bytes() == (tmp_path / "once" / "out.pt").read_bytes() and not parts.exists()
+    corpus = load_corpus(out)
+    assert corpus["ids"] == ["g0", "g1", "g2", "g3", "g4", "g5"] and [s["line"] for s in corpus["skipped"]] == [3]
+
+
 @pytest.mark.parametrize("line, message", [
     ("{not json", "m.jsonl:2: not valid JSON"),
     (json.dumps({"id": "x", "audio": "a.wav", "text": "  ", "speaker": "s"}), "m.jsonl:2: field 'text'"),

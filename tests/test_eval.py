@@ -270,3 +270,99 @@ def test_transcribe_redoes_a_repetition_loop_deterministically():
     plain = FakeWhisper("many big dark librarys opened those strange rockets", "unused")
     assert transcribe(plain, wav, 16000) == "many big dark librarys opened those strange rockets"
     assert len(plain.calls) == 1
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Robustness and the cache, in-process with fake judges: a codec that decodes without Griffin-Lim and fails on
+# one code matrix, FakeWhisper, and a speaker embedding computed from the waveform. Each counts its calls.
+
+class FakeCodec:
+    def __init__(self, real, bad):
+        self.name, self.card, self.bad, self.calls = real.name, real.card, bad, 0
+
+    def decode(self, codes):
+        self.calls += 1
+        codes = torch.as_tensor(codes)
+        if self.bad is not None and torch.equal(codes, self.bad):
+            raise RuntimeError("Padding size should be less than the corresponding input dimension")
+        t = torch.arange(codes.shape[1] * 320)
+        return torch.sin(t * (0.01 + codes[0].float().mean().item() / 1e4)) * 0.3, 16000
+
+
+@pytest.fixture
+def fakes(monkeypatch, tiny):
+    """Fake judges for eval.main; utterance 2 of the test list (4 seen + 2 unseen) does not decode as golden."""
+    import eval as ev
+    _, tok, _ = load_model(tiny / "nar.pt", "nar")
+    examples, refs, ids = build_test_set(load_corpus(SEEN), tok, 4)
+    unseen = build_test_set(load_corpus(UNSEEN), tok, 2)
+    codec = FakeCodec(MelRVQCodec.load(CODEC), bad=examples[2][2])
+    asr = FakeWhisper("Hello, world!", "unused")
+    embedded = []
+
+    def embed(enc, wav, sr):
+        embedded.append(len(wav))
+        return np.array([1.0, wav.abs().mean().item(), wav.std().item(), len(wav) / 1e5])
+
+    monkeypatch.setattr(ev, "load_codec", lambda spec, device="cpu": codec)
+    monkeypatch.setattr(ev, "load_asr", lambda name=None: asr)
+    monkeypatch.setattr(ev, "load_speaker_encoder", lambda: None)
+    monkeypatch.setattr(ev, "speaker_embedding", embed)
+    return dict(codec=codec, asr=asr, embedded=embedded, refs=refs + unseen[1], ids=ids + unseen[2], bad=2)
+
+
+def fake_eval(tiny, out, *extra):
+    main(["--ar", f"sft={tiny / 'ar.pt'}", "--nar", str(tiny / "nar.pt"), "--out", str(out), "--n_seen", "4",
+          "--n_unseen", "2", "--max_ratio", "1", "--n_boot", "200", *map(str, extra)])
+    return json.loads((out / "report.json").read_text())
+
+
+def test_an_utterance_the_judges_cannot_score_counts_as_all_deletions_and_a_missing_sim(tiny, fakes, tmp_path):
+    r = fake_eval(tiny, tmp_path, "--n_samples", 3)
+    S, bad, refs = r["systems"], fakes["bad"], fakes["refs"]
+    assert list(S) == ["golden", "golden_l1", "golden_l1_nar", "sft"]  # the run finished: every system scored
+    g = S["golden"]
+    assert [(u["id"], u["stage"]) for u in g["unscored"]] == [(fakes["ids"][bad], "decode")]
+    assert "Padding size" in g["unscored"][0]["reason"]
+    assert g["no_transcript"] == 1 and g["sim_missing"] == 1
+    words = [t["ref_words"] for t in r["test"]]
+    assert g["per_utterance"][bad] == dict(hyp=None, errors=words[bad], sim=None, sim_to_golden=None)
+    # all deletions: the utterance's reference words count, with no hit; the others as corpus_wer scores them
+    others = corpus_wer([x for i, x in enumerate(refs) if i != bad], ["Hello, world!"] * (len(refs) - 1))
+    assert g["wer"] == pytest.approx((sum(e for e, _ in others["per_utterance"]) + words[bad]) / sum(words))
+    sims = [u["sim"] for i, u in enumerate(g["per_utterance"]) if i != bad]
+    assert g["sim"] == pytest.approx(np.mean(sims), abs=1e-4)  # the mean over the five that have a SIM
+    for name in ("golden_l1", "sft"):  # the others are judged in full; only their SIM to golden lacks utterance 2
+        assert S[name]["unscored"] == [] and S[name]["sim_missing"] == 0
+        assert S[name]["per_utterance"][bad]["sim_to_golden"] is None
+    md = (tmp_path / "report.md").read_text()
+    assert f"| golden | {fakes['ids'][bad]} | decode | RuntimeError: Padding size" in md
+    assert "(1 not transcribed)" in md and "(1 missing)" in md
+    assert len(list((tmp_path / "samples" / "golden").glob("*.wav"))) == 2  # the third sample did not decode
+    assert len(list((tmp_path / "samples" / "sft").glob("*.wav"))) == 3
+
+
+def test_a_new_normaliser_rescores_from_cached_transcripts_without_asr(tiny, fakes, tmp_path, monkeypatch):
+    import eval as ev
+    first = fake_eval(tiny, tmp_path)
+    calls = len(fakes["asr"].calls), len(fakes["embedded"])
+    assert calls == (4 * 6 - 1, 6 + 4 * 6 - 1)  # 4 systems and the prompts; one utterance does not decode
+    # Every word becomes "x": the edit distance is then the difference in word counts (hand formula below).
+    normalize = ev.normalize_text
+    monkeypatch.setattr(ev, "normalize_text", lambda s: " ".join("x" for _ in normalize(s).split()))
+    second = fake_eval(tiny, tmp_path)
+    assert (len(fakes["asr"].calls), len(fakes["embedded"])) == calls  # nothing transcribed or embedded again
+    words = np.array([t["ref_words"] for t in first["test"]])
+    for name, s in second["systems"].items():
+        hyp_words = np.array([0 if u["hyp"] is None else 2 for u in s["per_utterance"]])  # "hello world"
+        assert s["wer"] == pytest.approx(np.abs(words - hyp_words).sum() / words.sum()), name
+        assert s["wer"] != pytest.approx(first["systems"][name]["wer"])
+        assert s["sim"] == first["systems"][name]["sim"]
+
+
+def test_a_changed_n_samples_does_not_reuse_the_cache(tiny, fakes, tmp_path):
+    fakes["codec"].bad = None  # every utterance decodes
+    fake_eval(tiny, tmp_path, "--n_samples", 1)
+    fake_eval(tiny, tmp_path, "--n_samples", 2)
+    for system in ("prompt", "golden", "golden_l1", "golden_l1_nar", "sft"):
+        assert len(list((tmp_path / "samples" / system).glob("*.wav"))) == 2, system
