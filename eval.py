@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from tqdm import tqdm
 
-from codec import as_mono, load_codec, load_corpus
+from codec import as_mono, load_codec, load_corpus, load_pt
 from speechalign import SAMPLING, load_model, make_examples, sequence_logps, synthesise
 
 NORMALIZATION = (
@@ -682,7 +682,7 @@ def parse_systems(args):
         paths = glob.glob(args.curve)
         if not paths:
             raise SystemExit(f"--curve {args.curve!r}: no checkpoint matches")
-        step = {p: torch.load(p, map_location="cpu", weights_only=True, mmap=True)["step"] for p in paths}
+        step = {p: load_pt(p, "checkpoint", mmap=True)["step"] for p in paths}
         curve = [(f"step{step[p]}", p) for p in sorted(paths, key=step.get)]
     names = [n for n, _ in systems + curve]
     if not names:
@@ -708,7 +708,7 @@ def main(argv=None):
     nar, tok, nar_ckpt = load_model(args.nar, "nar", device)
     check_codec(args.nar, nar_ckpt["codec"]["name"])
     for _, path in systems:  # refuse a wrong AR checkpoint before any expensive work
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = load_pt(path, "checkpoint", mmap=True)
         if ckpt.get("kind") != "ar":
             raise SystemExit(f"{path} holds a {ckpt.get('kind')} model, not an AR")
         check_codec(path, ckpt["codec"]["name"])

@@ -8,6 +8,7 @@ Tiny models (d_model 32-64, 1-2 layers) and one thread keep the whole file quick
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from codec import MelRVQCodec, load_corpus
 from speechalign import AR, NAR, LMConfig, TextTokenizer, attention_mask, load_model, lm_loss, sequence_logps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -410,11 +412,15 @@ def test_batch_for_step_full_batches_each_example_once_per_epoch():
         assert len(set(seen)) == len(seen) == per_epoch * bs
 
 
+def train_argv(out, *extra, steps=8, model="ar"):
+    return ["--model", model, "--out", str(out), "--train", str(TRAIN), "--val", str(VAL), "--d_model", "32",
+            "--n_layer", "1", "--n_head", "2", "--batch_size", "4", "--eval_utts", "8", "--steps", str(steps),
+            "--warmup", "2", "--ckpt_every", "2", "--dropout", "0.1", "--eval_every", "1000", *extra]
+
+
 def train(out, *extra, steps=8, model="ar", launcher=None, timeout=300):
-    cmd = [*(launcher or [sys.executable]), str(REPO / "train_codec_lm.py"), "--model", model, "--out", str(out),
-           "--train", str(TRAIN), "--val", str(VAL), "--d_model", "32", "--n_layer", "1", "--n_head", "2",
-           "--batch_size", "4", "--eval_utts", "8", "--steps", str(steps), "--warmup", "2", "--ckpt_every", "2",
-           "--dropout", "0.1", "--eval_every", "1000", *extra]
+    argv = train_argv(out, *extra, steps=steps, model=model)
+    cmd = [*(launcher or [sys.executable]), str(REPO / "train_codec_lm.py"), *argv]
     env = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -471,8 +477,8 @@ def test_resume_follows_the_uninterrupted_run(ar_run, tmp_path):
     train(out, "--stop_after", "4")
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
     assert torch.load(out, weights_only=True)["step"] == 4
-    with open(f"{out}.log.jsonl", "a") as f:  # a record from beyond the checkpoint, as a crash would leave
-        f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n")
+    with open(f"{out}.log.jsonl", "a") as f:  # records from beyond the checkpoint, as a crash would leave
+        f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n" + '{"step": 6, "lo')  # the last one cut short
     train(out, "--resume")
     a, b = read_log(ar_run), read_log(out)
     assert [r["step"] for r in b] == list(range(1, 9))
@@ -482,6 +488,58 @@ def test_resume_follows_the_uninterrupted_run(ar_run, tmp_path):
     sa, sb = torch.load(ar_run, weights_only=True), torch.load(out, weights_only=True)
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
+
+
+def test_resume_refuses_a_missing_checkpoint_or_other_settings(ar_run, tmp_path):
+    """--resume rebuilds the model from the checkpoint's config and tokenizer: a run with another model, corpus or
+    shape is refused, naming the file and what differs, before any training."""
+    from train_codec_lm import main
+    out = tmp_path / "ar.pt"
+    with pytest.raises(SystemExit, match=f"--resume: no checkpoint at {re.escape(str(out))}"):
+        main(train_argv(out, "--resume"))
+    out.write_bytes(ar_run.read_bytes())
+    for extra, diff in ((["--model", "nar"], "model: file has 'ar', this run has 'nar'"),
+                        (["--train", str(VAL)], f"train: file has '{TRAIN}', this run has '{VAL}'"),
+                        (["--text", "letters"], "text: file has 'phonemes'"),
+                        (["--d_model", "64", "--n_head", "4"], "d_model: file has 32, this run has 64; n_head: file"),
+                        (["--n_layer", "2"], "n_layer: file has 1, this run has 2"),
+                        (["--dropout", "0"], "dropout: file has 0.1, this run has 0.0")):
+        with pytest.raises(ValueError, match=f"{re.escape(str(out))}: checkpoint made with other settings "
+                                             f"\\(.*{re.escape(diff)}"):
+            main(train_argv(out, "--resume", *extra))
+    assert out.read_bytes() == ar_run.read_bytes()  # nothing was touched
+
+
+def test_trim_log_drops_later_steps_and_a_line_cut_short_and_refuses_a_damaged_one(tmp_path):
+    from train_codec_lm import trim_log
+    path = tmp_path / "ar.pt.log.jsonl"
+    recs = [json.dumps({"step": k, "loss": 1.0 / k}) + "\n" for k in (1, 2, 3, 4)]
+    path.write_text("".join(recs) + '{"step": 5, "lo')
+    trim_log(path, 2)
+    assert path.read_text() == "".join(recs[:2])
+    path.write_text(recs[0] + '{"step": 2, "lo\n' + recs[2])
+    with pytest.raises(SystemExit, match=f"{re.escape(str(path))} line 2 is not a JSON record"):
+        trim_log(path, 3)
+    assert path.read_text() == recs[0] + '{"step": 2, "lo\n' + recs[2]  # left as it was
+
+
+def test_a_truncated_file_is_named_as_incomplete(ar_run, tmp_path):
+    """A checkpoint, tokenised corpus or codec file cut short says which file and that it is incomplete, instead of
+    PyTorch's bare "failed finding central directory" (or an EOFError / UnpicklingError for the first bytes)."""
+    from train_codec_lm import main
+    for src, load, what in ((ar_run, lambda p: load_model(p, "ar"), "checkpoint"),
+                            (TRAIN, load_corpus, "tokenised corpus"),
+                            (REPO / "data/toy/codec.pt", MelRVQCodec.load, "toy codec")):
+        data = src.read_bytes()
+        for n in (0, 1, 100, len(data) // 2, len(data) - 1):
+            cut = tmp_path / f"{n}_{src.name}"
+            cut.write_bytes(data[:n])
+            with pytest.raises(ValueError, match=f"{re.escape(str(cut))}: this {what} file is incomplete or corrupt"):
+                load(cut)
+    out = tmp_path / "ar.pt"  # --resume reads its checkpoint the same way
+    out.write_bytes(ar_run.read_bytes()[:-1])
+    with pytest.raises(ValueError, match=f"{re.escape(str(out))}: this checkpoint file is incomplete"):
+        main(train_argv(out, "--resume"))
 
 
 def test_ddp_two_processes_gloo(tmp_path):
