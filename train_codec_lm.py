@@ -95,14 +95,26 @@ def batch_for_step(model, examples_for, step, args, world, rank, device):
 
 def train_step(net, opt, b, amp, grad_clip):
     """One optimizer step on batch b (forward under the autocast context `amp`, backward, gradient clip, AdamW);
-    returns the loss and the gradient norm. `net` may be the DDP wrapper; bench/bench.py times this step."""
+    returns the loss and the gradient norm. `net` may be the DDP wrapper; bench/bench.py times this step.
+
+    Under DDP, b is this process's shard of the global batch, and the step is the one a single process would
+    take on the whole batch: the loss is the mean over the global batch's tokens. DDP averages the processes'
+    gradients, so each one backpropagates its summed token loss times world / (global token count); its own
+    shard's mean would weight each token by 1 / (its shard's count), and shards of different lengths differ."""
     with amp:
         loss = lm_loss(net, b)
+    mean = loss.detach()
+    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        n = (b["targets"] != -100).sum()
+        sums = torch.stack([mean * n, n.to(mean.dtype)])  # this shard's summed token loss and token count
+        dist.all_reduce(sums)
+        mean = sums[0] / sums[1]
+        loss = loss * (n * dist.get_world_size() / sums[1])
     opt.zero_grad(set_to_none=True)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
     opt.step()
-    return loss, norm
+    return mean, norm
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from codec import MelRVQCodec, load_corpus
-from speechalign import AR, NAR, LMConfig, TextTokenizer, attention_mask, load_model, lm_loss, sequence_logps
+from speechalign import (AR, NAR, LMConfig, TextTokenizer, attention_mask, load_model, lm_loss, make_examples,
+                         sequence_logps)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN, VAL = REPO / "data/toy/test_seen.pt", REPO / "data/toy/test_unseen.pt"
@@ -388,12 +389,13 @@ def test_tokenizer_letters():
 # -----------------------------------------------------------------------------------------------------------
 # train_codec_lm.py: batches, checkpoints, --resume, DDP
 
+class Identity:  # model.batch stand-in for batch_for_step: return the chosen examples
+    def batch(self, chosen, device=None):
+        return chosen
+
+
 def test_batch_for_step_full_batches_each_example_once_per_epoch():
     from train_codec_lm import batch_for_step
-
-    class Identity:  # model.batch stand-in: return the chosen examples
-        def batch(self, chosen, device=None):
-            return chosen
 
     n, bs = 362, 4  # not a multiple of the batch size: the 2 leftover examples must not make a short batch
     g = torch.Generator().manual_seed(0)
@@ -542,10 +544,31 @@ def test_a_truncated_file_is_named_as_incomplete(ar_run, tmp_path):
         main(train_argv(out, "--resume"))
 
 
-def test_ddp_two_processes_gloo(tmp_path):
-    out = tmp_path / "ar.pt"
+def uneven_corpus(path):
+    """A tokenised corpus (two speakers, 2-layer codes) whose length-sorted batches of 4 are 2, 3, 4, 40
+    and 41, 42, 43, 90 frames: split over two processes (examples 0, 2 and 1, 3 of a batch), the shards
+    hold 3 + 5 = 8 and 4 + 41 = 45 target tokens, then 86 and 134."""
+    lengths = [40, 2, 90, 3, 41, 4, 42, 43]
+    codes = torch.randint(0, 8, (2, sum(lengths)), generator=torch.Generator().manual_seed(0)).short()
+    codec = dict(name="uneven", n_q=2, card=[16, 8], frame_rate=50, sample_rate=16000, params={})
+    torch.save(dict(codec=codec, ids=[f"u{i}" for i in range(8)], texts=["a"] * 8,
+                    phonemes=["a b", "b c a", "c", "a"] * 2, speakers=["s0", "s1"] * 4, codes=codes,
+                    lengths=torch.tensor(lengths)), path)
+    return path
+
+
+def test_ddp_two_processes_gloo_take_the_one_process_step(tmp_path):
+    """Two processes (gloo), each on its shard of the global batch, take the step one process takes on the
+    whole batch: the same logged loss (the mean over all the batch's tokens), gradient norm, and weights
+    after one step and after three, on shards of very different token counts, where averaging the shards'
+    own means would give other gradients. No dropout: each process would draw its own masks."""
+    data = uneven_corpus(tmp_path / "uneven.pt")
+    out, one = tmp_path / "ddp" / "ar.pt", tmp_path / "one" / "ar.pt"
+    out.parent.mkdir(), one.parent.mkdir()
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    train(out, steps=3, launcher=launcher)
+    extra = ("--train", str(data), "--val", str(data), "--dropout", "0", "--snapshot_every", "1")
+    train(out, *extra, steps=3, launcher=launcher)
+    train(one, *extra, steps=3)
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["step"] == 3 and ckpt["kind"] == "ar"
     assert not any(k.startswith("module.") for k in ckpt["model"])  # the bare model, not the DDP wrapper
@@ -554,6 +577,22 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log) and "val_loss" in log[-1]
     model, _, _ = load_model(out, "ar")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # the shards are as uneven as uneven_corpus says (targets: frames + EOS)
+    from train_codec_lm import batch_for_step, get_args
+    corpus, args = load_corpus(data), get_args(train_argv(one, *extra))
+    ex = make_examples(corpus, TextTokenizer.build(corpus["phonemes"]), frame_rate=50)
+    shards = [batch_for_step(Identity(), lambda s: ex, step, args, 2, r, "cpu") for step in (0, 1) for r in (0, 1)]
+    counts = [sum(g.shape[1] + 1 for _, _, g in shard) for shard in shards]
+    assert sorted(zip(counts[::2], counts[1::2])) == [(8, 45), (86, 134)]
+    # the same steps as one process
+    for a, b in zip(log, read_log(one), strict=True):
+        assert a.keys() == b.keys()
+        for key, tol in (("loss", 2e-5), ("grad_norm", 2e-4), ("val_loss", 2e-5)):  # logged to 5, 4, 5 places
+            assert a.get(key) == pytest.approx(b.get(key), abs=tol), (key, a, b)
+    for k in (1, 3):
+        a, b = (torch.load(p.parent / f"ar.step{k}.pt", weights_only=True)["model"] for p in (out, one))
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-5, msg=f"step {k}: {name}")
 
 
 def test_snapshots_and_bf16_autocast(tmp_path):
