@@ -648,8 +648,9 @@ def get_args(argv=None):
     ap.add_argument("--codec", default="data/toy/codec.pt", help="toy codec file, or 'encodec'")
     ap.add_argument("--test_seen", default="data/toy/test_seen.pt")
     ap.add_argument("--test_unseen", default="data/toy/test_unseen.pt")
-    ap.add_argument("--n_seen", type=int, default=200, help="utterances of --test_seen (spread evenly over it)")
-    ap.add_argument("--n_unseen", type=int, default=100, help="utterances of --test_unseen")
+    ap.add_argument("--n_seen", type=int, default=200, help="utterances of --test_seen: a random draw fixed by "
+                    "--seed, kept in corpus order (all of them if it holds fewer)")
+    ap.add_argument("--n_unseen", type=int, default=100, help="utterances of --test_unseen, drawn likewise")
     ap.add_argument("--prompt_seconds", type=float, default=3.0)
     ap.add_argument("--asr", default=None, help="faster-whisper model name or directory (default: offline tiny.en)")
     ap.add_argument("--max_ratio", type=float, default=None,
