@@ -160,8 +160,9 @@ def trim_log(path, step):
             raise SystemExit(f"{path} line {n} is not a JSON record: mend or delete that line, then resume again")
         if rec["step"] <= step:
             kept.append(line)
-    with open(path, "w") as f:
+    with open(f"{path}.tmp", "w") as f:  # then renamed: a kill now loses no record
         f.writelines(kept)
+    os.replace(f"{path}.tmp", path)
 
 
 def main(argv=None):
