@@ -18,11 +18,23 @@ Two codecs:
 import hashlib
 import math
 import os
+import pickle
 
 import torch
 import torchaudio
 
 ENCODEC_FILE = "encodec_24khz-d7cc33bc.th"
+
+
+def load_pt(path, what, map_location="cpu", mmap=False):
+    """torch.load(weights_only=True) of a file this project wrote (checkpoint, codec, tokenised corpus, pairs).
+    A file cut short (an interrupted copy or download) or damaged makes PyTorch raise a bare "failed
+    finding central directory" or the like that names no file: say which file, and what is wrong with it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: this {what} file is incomplete or corrupt (cut short by an interrupted copy "
+                         "or download?), or not one this project wrote") from e
 
 
 def as_mono(wav, sr, target_sr):
@@ -265,7 +277,7 @@ class MelRVQCodec:
     def load(cls, path):
         if not os.path.exists(path):
             raise FileNotFoundError(f"no toy codec at {path} (fit one with data/fit_toy_codec.py)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_pt(path, "toy codec")
         codec = cls(state["centroids"], state["mean"], cmn=state["cmn"])
         if codec.name != state["name"]:
             raise ValueError(f"{path}: codebooks do not match the stored name {state['name']} (corrupt file?)")
@@ -316,7 +328,7 @@ def load_corpus(path):
     """Read a tokenised corpus; adds "utts": the list of per-utterance int64 codes [Q, T_i] (views)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no tokenised corpus at {path} (make one with data/tokenize_corpus.py)")
-    corpus = torch.load(path, map_location="cpu", weights_only=True)
+    corpus = load_pt(path, "tokenised corpus")
     missing = {"codec", "ids", "texts", "phonemes", "speakers", "codes", "lengths"} - set(corpus)
     if missing:
         raise ValueError(f"{path} is not a tokenised corpus: missing {sorted(missing)}")

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from tqdm import tqdm
 
-from codec import as_mono, load_codec, load_corpus
+from codec import as_mono, load_codec, load_corpus, load_pt
 from speechalign import SAMPLING, load_model, make_examples, sequence_logps, synthesise
 
 NORMALIZATION = (
@@ -699,8 +699,9 @@ def get_args(argv=None):
     ap.add_argument("--codec", default="data/toy/codec.pt", help="toy codec file, or 'encodec'")
     ap.add_argument("--test_seen", default="data/toy/test_seen.pt")
     ap.add_argument("--test_unseen", default="data/toy/test_unseen.pt")
-    ap.add_argument("--n_seen", type=int, default=200, help="utterances of --test_seen (spread evenly over it)")
-    ap.add_argument("--n_unseen", type=int, default=100, help="utterances of --test_unseen")
+    ap.add_argument("--n_seen", type=int, default=200, help="utterances of --test_seen: a random draw fixed by "
+                    "--seed, kept in corpus order (all of them if it holds fewer)")
+    ap.add_argument("--n_unseen", type=int, default=100, help="utterances of --test_unseen, drawn likewise")
     ap.add_argument("--prompt_seconds", type=float, default=3.0)
     ap.add_argument("--asr", default=None, help="faster-whisper model name or directory (default: offline tiny.en)")
     ap.add_argument("--max_ratio", type=float, default=None,
@@ -733,7 +734,7 @@ def parse_systems(args):
         paths = glob.glob(args.curve)
         if not paths:
             raise SystemExit(f"--curve {args.curve!r}: no checkpoint matches")
-        step = {p: torch.load(p, map_location="cpu", weights_only=True, mmap=True)["step"] for p in paths}
+        step = {p: load_pt(p, "checkpoint", mmap=True)["step"] for p in paths}
         curve = [(f"step{step[p]}", p) for p in sorted(paths, key=step.get)]
     names = [n for n, _ in systems + curve]
     if not names:
@@ -759,7 +760,7 @@ def main(argv=None):
     nar, tok, nar_ckpt = load_model(args.nar, "nar", device)
     check_codec(args.nar, nar_ckpt["codec"]["name"])
     for _, path in systems:  # refuse a wrong AR checkpoint before any expensive work
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = load_pt(path, "checkpoint", mmap=True)
         if ckpt.get("kind") != "ar":
             raise SystemExit(f"{path} holds a {ckpt.get('kind')} model, not an AR")
         check_codec(path, ckpt["codec"]["name"])

@@ -22,7 +22,7 @@ import threading
 import time
 
 from eval import write_text
-from speechalign import AlignArgs
+from speechalign import parse_args as align_args
 
 PY = sys.executable
 
@@ -185,7 +185,7 @@ def main():
     files = from_scratch(out, p, timings) if args.from_scratch else SHIPPED
     data = ["--train", files["train"]]
     align = ["speechalign.py", "--init", files["ar"], *data, "--precision", "bf16", "--threads", "1", *p["align"]]
-    rounds = AlignArgs.rounds
+    rounds = align_args(align[1:]).rounds  # as speechalign.py will read the preset's arguments
     ev = ["eval.py", "--nar", files["nar"], "--codec", files["codec"], "--test_seen", files["test_seen"],
           "--test_unseen", files["test_unseen"], "--nar_precision", "bf16", "--out", os.path.join(out, "eval"), *p["eval"]]
     sft, control = f"sft={files['ar']}", f"control={out}/control/round{rounds}/ar.pt"

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from codec import load_corpus
+from codec import load_corpus, load_pt
 
 # -----------------------------------------------------------------------------------------------------------
 # Text tokenizer. Phonemes are the default: at toy scale design.md's prototype could not learn how letters
@@ -431,7 +431,7 @@ def save_checkpoint(path, **state):
 
 def load_model(path, kind, device="cpu"):
     """Rebuild an AR or NAR from a checkpoint written by train_codec_lm.py; returns (model, tokenizer, ckpt)."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    ckpt = load_pt(path, "checkpoint", map_location=device)
     if ckpt.get("kind") != kind:
         raise ValueError(f"{path} holds a {ckpt.get('kind')} model, not an {kind}")
     cfg = LMConfig(**ckpt["config"])
@@ -701,7 +701,7 @@ def align(a):
                     prompt_seconds=a.prompt_seconds, first_utt=first)
         pairs_path = os.path.join(folder, "pairs.pt")
         if os.path.exists(pairs_path):  # sampled before this round was interrupted
-            pairs = torch.load(pairs_path, weights_only=True)
+            pairs = load_pt(pairs_path, "pairs", map_location=None)  # the device they were made on
             check_same("pairs", pairs_path, pairs["meta"], meta)
         else:
             pairs = make_pairs(policy, examples, meta["k"], sampling, a.sample_batch, seed=a.seed * 1000 + t, progress=True)

@@ -15,14 +15,14 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from codec import load_corpus
-from speechalign import AR, NAR, LMConfig, TextTokenizer, autocast, lm_loss, make_examples, save_checkpoint
+from codec import load_corpus, load_pt
+from speechalign import AR, NAR, LMConfig, TextTokenizer, autocast, check_same, lm_loss, make_examples, save_checkpoint
 
 
 def get_args(argv=None):
@@ -95,14 +95,26 @@ def batch_for_step(model, examples_for, step, args, world, rank, device):
 
 def train_step(net, opt, b, amp, grad_clip):
     """One optimizer step on batch b (forward under the autocast context `amp`, backward, gradient clip, AdamW);
-    returns the loss and the gradient norm. `net` may be the DDP wrapper; bench/bench.py times this step."""
+    returns the loss and the gradient norm. `net` may be the DDP wrapper; bench/bench.py times this step.
+
+    Under DDP, b is this process's shard of the global batch, and the step is the one a single process would
+    take on the whole batch: the loss is the mean over the global batch's tokens. DDP averages the processes'
+    gradients, so each one backpropagates its summed token loss times world / (global token count); its own
+    shard's mean would weight each token by 1 / (its shard's count), and shards of different lengths differ."""
     with amp:
         loss = lm_loss(net, b)
+    mean = loss.detach()
+    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        n = (b["targets"] != -100).sum()
+        sums = torch.stack([mean * n, n.to(mean.dtype)])  # this shard's summed token loss and token count
+        dist.all_reduce(sums)
+        mean = sums[0] / sums[1]
+        loss = loss * (n * dist.get_world_size() / sums[1])
     opt.zero_grad(set_to_none=True)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
     opt.step()
-    return loss, norm
+    return mean, norm
 
 
 @torch.no_grad()
@@ -122,6 +134,37 @@ def validate(model, val_examples, args, device):
     return total / count
 
 
+def load_resume_checkpoint(args):
+    """The checkpoint --resume continues from. It must come from a run of this model on the same corpus and
+    model shape: the model is rebuilt from the checkpoint's config and tokenizer, so other settings would be
+    silently ignored (or the run would continue on another corpus)."""
+    if not os.path.exists(args.out):
+        raise SystemExit(f"--resume: no checkpoint at {args.out}")
+    ckpt = load_pt(args.out, "checkpoint")
+    same = ["model", "train", "text", *(f.name for f in fields(LMConfig) if f.name in vars(args))]
+    check_same("checkpoint", args.out, ckpt["args"], {k: getattr(args, k) for k in same})
+    return ckpt
+
+
+def trim_log(path, step):
+    """On resume, drop the log's records of steps after the checkpoint's: they are redone. A last line cut short
+    (the process was killed while writing it) is such a record; a damaged line before it is refused."""
+    lines = open(path).readlines()
+    kept = []
+    for n, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            raise SystemExit(f"{path} line {n} is not a JSON record: mend or delete that line, then resume again")
+        if rec["step"] <= step:
+            kept.append(line)
+    with open(f"{path}.tmp", "w") as f:  # then renamed: a kill now loses no record
+        f.writelines(kept)
+    os.replace(f"{path}.tmp", path)
+
+
 def main(argv=None):
     args = get_args(argv)
     ddp = "RANK" in os.environ
@@ -139,14 +182,12 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     master = rank == 0
 
+    ckpt = load_resume_checkpoint(args) if args.resume else None  # before the corpora: refuse a wrong one fast
     train, val = load_corpus(args.train), load_corpus(args.val)
     if train["codec"]["name"] != val["codec"]["name"]:
         raise SystemExit(f"{args.train} and {args.val} come from different codecs: "
                          f"{train['codec']['name']} vs {val['codec']['name']}")
     frame_rate = train["codec"]["frame_rate"]
-    ckpt = torch.load(args.out, map_location="cpu", weights_only=True) if args.resume else None
-    if args.resume and ckpt is None:
-        raise SystemExit(f"--resume: no checkpoint at {args.out}")
     if ckpt:
         tok = TextTokenizer(ckpt["tokenizer"]["symbols"], ckpt["tokenizer"]["kind"])
         cfg = LMConfig(**ckpt["config"])
@@ -178,10 +219,8 @@ def main(argv=None):
 
     val_examples = make_examples(val, tok, args.prompt_seconds, seed=12345, frame_rate=frame_rate)[:args.eval_utts]
     log_path = args.out + ".log.jsonl"
-    if master and ckpt and os.path.exists(log_path):  # drop records of steps after the checkpoint: they are redone
-        kept = [line for line in open(log_path) if json.loads(line)["step"] <= step]
-        with open(log_path, "w") as f:
-            f.writelines(kept)
+    if master and ckpt and os.path.exists(log_path):
+        trim_log(log_path, step)
     log = open(log_path, "a" if ckpt else "w") if master else None
     on_cuda = "cuda" in str(device)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and on_cuda)

@@ -8,6 +8,7 @@ Tiny models (d_model 32-64, 1-2 layers) and one thread keep the whole file quick
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from speechalign import AR, NAR, LMConfig, TextTokenizer, attention_mask, load_model, lm_loss, sequence_logps
+from codec import MelRVQCodec, load_corpus
+from speechalign import (AR, NAR, LMConfig, TextTokenizer, attention_mask, load_model, lm_loss, make_examples,
+                         sequence_logps)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN, VAL = REPO / "data/toy/test_seen.pt", REPO / "data/toy/test_unseen.pt"
@@ -386,12 +389,13 @@ def test_tokenizer_letters():
 # -----------------------------------------------------------------------------------------------------------
 # train_codec_lm.py: batches, checkpoints, --resume, DDP
 
+class Identity:  # model.batch stand-in for batch_for_step: return the chosen examples
+    def batch(self, chosen, device=None):
+        return chosen
+
+
 def test_batch_for_step_full_batches_each_example_once_per_epoch():
     from train_codec_lm import batch_for_step
-
-    class Identity:  # model.batch stand-in: return the chosen examples
-        def batch(self, chosen, device=None):
-            return chosen
 
     n, bs = 362, 4  # not a multiple of the batch size: the 2 leftover examples must not make a short batch
     g = torch.Generator().manual_seed(0)
@@ -410,11 +414,15 @@ def test_batch_for_step_full_batches_each_example_once_per_epoch():
         assert len(set(seen)) == len(seen) == per_epoch * bs
 
 
+def train_argv(out, *extra, steps=8, model="ar"):
+    return ["--model", model, "--out", str(out), "--train", str(TRAIN), "--val", str(VAL), "--d_model", "32",
+            "--n_layer", "1", "--n_head", "2", "--batch_size", "4", "--eval_utts", "8", "--steps", str(steps),
+            "--warmup", "2", "--ckpt_every", "2", "--dropout", "0.1", "--eval_every", "1000", *extra]
+
+
 def train(out, *extra, steps=8, model="ar", launcher=None, timeout=300):
-    cmd = [*(launcher or [sys.executable]), str(REPO / "train_codec_lm.py"), "--model", model, "--out", str(out),
-           "--train", str(TRAIN), "--val", str(VAL), "--d_model", "32", "--n_layer", "1", "--n_head", "2",
-           "--batch_size", "4", "--eval_utts", "8", "--steps", str(steps), "--warmup", "2", "--ckpt_every", "2",
-           "--dropout", "0.1", "--eval_every", "1000", *extra]
+    argv = train_argv(out, *extra, steps=steps, model=model)
+    cmd = [*(launcher or [sys.executable]), str(REPO / "train_codec_lm.py"), *argv]
     env = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -471,8 +479,8 @@ def test_resume_follows_the_uninterrupted_run(ar_run, tmp_path):
     train(out, "--stop_after", "4")
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4]
     assert torch.load(out, weights_only=True)["step"] == 4
-    with open(f"{out}.log.jsonl", "a") as f:  # a record from beyond the checkpoint, as a crash would leave
-        f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n")
+    with open(f"{out}.log.jsonl", "a") as f:  # records from beyond the checkpoint, as a crash would leave
+        f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n" + '{"step": 6, "lo')  # the last one cut short
     train(out, "--resume")
     a, b = read_log(ar_run), read_log(out)
     assert [r["step"] for r in b] == list(range(1, 9))
@@ -484,10 +492,83 @@ def test_resume_follows_the_uninterrupted_run(ar_run, tmp_path):
         assert torch.equal(sa["model"][k], sb["model"][k]), k
 
 
-def test_ddp_two_processes_gloo(tmp_path):
+def test_resume_refuses_a_missing_checkpoint_or_other_settings(ar_run, tmp_path):
+    """--resume rebuilds the model from the checkpoint's config and tokenizer: a run with another model, corpus or
+    shape is refused, naming the file and what differs, before any training."""
+    from train_codec_lm import main
     out = tmp_path / "ar.pt"
+    with pytest.raises(SystemExit, match=f"--resume: no checkpoint at {re.escape(str(out))}"):
+        main(train_argv(out, "--resume"))
+    out.write_bytes(ar_run.read_bytes())
+    for extra, diff in ((["--model", "nar"], "model: file has 'ar', this run has 'nar'"),
+                        (["--train", str(VAL)], f"train: file has '{TRAIN}', this run has '{VAL}'"),
+                        (["--text", "letters"], "text: file has 'phonemes'"),
+                        (["--d_model", "64", "--n_head", "4"], "d_model: file has 32, this run has 64; n_head: file"),
+                        (["--n_layer", "2"], "n_layer: file has 1, this run has 2"),
+                        (["--dropout", "0"], "dropout: file has 0.1, this run has 0.0")):
+        with pytest.raises(ValueError, match=f"{re.escape(str(out))}: checkpoint made with other settings "
+                                             f"\\(.*{re.escape(diff)}"):
+            main(train_argv(out, "--resume", *extra))
+    assert out.read_bytes() == ar_run.read_bytes()  # nothing was touched
+
+
+def test_trim_log_drops_later_steps_and_a_line_cut_short_and_refuses_a_damaged_one(tmp_path):
+    from train_codec_lm import trim_log
+    path = tmp_path / "ar.pt.log.jsonl"
+    recs = [json.dumps({"step": k, "loss": 1.0 / k}) + "\n" for k in (1, 2, 3, 4)]
+    path.write_text("".join(recs) + '{"step": 5, "lo')
+    trim_log(path, 2)
+    assert path.read_text() == "".join(recs[:2])
+    path.write_text(recs[0] + '{"step": 2, "lo\n' + recs[2])
+    with pytest.raises(SystemExit, match=f"{re.escape(str(path))} line 2 is not a JSON record"):
+        trim_log(path, 3)
+    assert path.read_text() == recs[0] + '{"step": 2, "lo\n' + recs[2]  # left as it was
+
+
+def test_a_truncated_file_is_named_as_incomplete(ar_run, tmp_path):
+    """A checkpoint, tokenised corpus or codec file cut short says which file and that it is incomplete, instead of
+    PyTorch's bare "failed finding central directory" (or an EOFError / UnpicklingError for the first bytes)."""
+    from train_codec_lm import main
+    for src, load, what in ((ar_run, lambda p: load_model(p, "ar"), "checkpoint"),
+                            (TRAIN, load_corpus, "tokenised corpus"),
+                            (REPO / "data/toy/codec.pt", MelRVQCodec.load, "toy codec")):
+        data = src.read_bytes()
+        for n in (0, 1, 100, len(data) // 2, len(data) - 1):
+            cut = tmp_path / f"{n}_{src.name}"
+            cut.write_bytes(data[:n])
+            with pytest.raises(ValueError, match=f"{re.escape(str(cut))}: this {what} file is incomplete or corrupt"):
+                load(cut)
+    out = tmp_path / "ar.pt"  # --resume reads its checkpoint the same way
+    out.write_bytes(ar_run.read_bytes()[:-1])
+    with pytest.raises(ValueError, match=f"{re.escape(str(out))}: this checkpoint file is incomplete"):
+        main(train_argv(out, "--resume"))
+
+
+def uneven_corpus(path):
+    """A tokenised corpus (two speakers, 2-layer codes) whose length-sorted batches of 4 are 2, 3, 4, 40
+    and 41, 42, 43, 90 frames: split over two processes (examples 0, 2 and 1, 3 of a batch), the shards
+    hold 3 + 5 = 8 and 4 + 41 = 45 target tokens, then 86 and 134."""
+    lengths = [40, 2, 90, 3, 41, 4, 42, 43]
+    codes = torch.randint(0, 8, (2, sum(lengths)), generator=torch.Generator().manual_seed(0)).short()
+    codec = dict(name="uneven", n_q=2, card=[16, 8], frame_rate=50, sample_rate=16000, params={})
+    torch.save(dict(codec=codec, ids=[f"u{i}" for i in range(8)], texts=["a"] * 8,
+                    phonemes=["a b", "b c a", "c", "a"] * 2, speakers=["s0", "s1"] * 4, codes=codes,
+                    lengths=torch.tensor(lengths)), path)
+    return path
+
+
+def test_ddp_two_processes_gloo_take_the_one_process_step(tmp_path):
+    """Two processes (gloo), each on its shard of the global batch, take the step one process takes on the
+    whole batch: the same logged loss (the mean over all the batch's tokens), gradient norm, and weights
+    after one step and after three, on shards of very different token counts, where averaging the shards'
+    own means would give other gradients. No dropout: each process would draw its own masks."""
+    data = uneven_corpus(tmp_path / "uneven.pt")
+    out, one = tmp_path / "ddp" / "ar.pt", tmp_path / "one" / "ar.pt"
+    out.parent.mkdir(), one.parent.mkdir()
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    train(out, steps=3, launcher=launcher)
+    extra = ("--train", str(data), "--val", str(data), "--dropout", "0", "--snapshot_every", "1")
+    train(out, *extra, steps=3, launcher=launcher)
+    train(one, *extra, steps=3)
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["step"] == 3 and ckpt["kind"] == "ar"
     assert not any(k.startswith("module.") for k in ckpt["model"])  # the bare model, not the DDP wrapper
@@ -496,6 +577,22 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log) and "val_loss" in log[-1]
     model, _, _ = load_model(out, "ar")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # the shards are as uneven as uneven_corpus says (targets: frames + EOS)
+    from train_codec_lm import batch_for_step, get_args
+    corpus, args = load_corpus(data), get_args(train_argv(one, *extra))
+    ex = make_examples(corpus, TextTokenizer.build(corpus["phonemes"]), frame_rate=50)
+    shards = [batch_for_step(Identity(), lambda s: ex, step, args, 2, r, "cpu") for step in (0, 1) for r in (0, 1)]
+    counts = [sum(g.shape[1] + 1 for _, _, g in shard) for shard in shards]
+    assert sorted(zip(counts[::2], counts[1::2])) == [(8, 45), (86, 134)]
+    # the same steps as one process
+    for a, b in zip(log, read_log(one), strict=True):
+        assert a.keys() == b.keys()
+        for key, tol in (("loss", 2e-5), ("grad_norm", 2e-4), ("val_loss", 2e-5)):  # logged to 5, 4, 5 places
+            assert a.get(key) == pytest.approx(b.get(key), abs=tol), (key, a, b)
+    for k in (1, 3):
+        a, b = (torch.load(p.parent / f"ar.step{k}.pt", weights_only=True)["model"] for p in (out, one))
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-5, msg=f"step {k}: {name}")
 
 
 def test_snapshots_and_bf16_autocast(tmp_path):

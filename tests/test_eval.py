@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from codec import MelRVQCodec, load_corpus
 from eval import NORMALIZATION, bootstrap, corpus_rate, corpus_wer, fit_logistic, gap_classifier_acc, main, mean, wilson
 from eval import test_set as build_test_set  # under its own name pytest would collect it as a test
-from speechalign import load_model
+from speechalign import TextTokenizer, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 SEEN, UNSEEN, CODEC = REPO / "data/toy/test_seen.pt", REPO / "data/toy/test_unseen.pt", REPO / "data/toy/codec.pt"
@@ -228,6 +228,25 @@ def test_run_directory_files(evaluated):
     S = evaluated["report"]["systems"]
     assert curve["steps"] == [5, 10] and curve["wer"] == [S["step5"]["wer"], S["step10"]["wer"]]
     assert curve["golden_l1_nar_wer"] == S["golden_l1_nar"]["wer"] and curve["chance_wer"] > 0
+
+
+def test_test_list_is_the_random_draw_the_help_describes(capsys):
+    """--n_seen / --n_unseen pick a random draw fixed by --seed, kept in corpus order (the help said "spread
+    evenly"; evenly spaced picks could all land on one speaker of the toy splits, which cycle through them)."""
+    from eval import get_args
+    with pytest.raises(SystemExit):
+        get_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "utterances of --test_seen: a random draw fixed by --seed, kept in corpus order" in text
+    assert "evenly" not in text
+    corpus = load_corpus(SEEN)
+    tok = TextTokenizer.build(corpus["phonemes"])
+    ids = {seed: build_test_set(corpus, tok, 20, seed=seed)[2] for seed in (0, 1)}
+    pos = {seed: [corpus["ids"].index(i) for i in ids[seed]] for seed in ids}
+    assert ids[0] == build_test_set(corpus, tok, 20, seed=0)[2] and ids[0] != ids[1]  # fixed by the seed
+    assert all(p == sorted(p) and len(set(p)) == 20 for p in pos.values())  # in corpus order
+    assert len({b - a for a, b in zip(pos[0], pos[0][1:])}) > 1  # not evenly spaced
+    assert build_test_set(corpus, tok, 10**6)[2] == corpus["ids"]  # all of them
 
 
 def test_refuses_a_checkpoint_of_another_codec(tiny, tmp_path):

@@ -67,6 +67,40 @@ def test_smoke_preset_from_scratch(tmp_path):
     assert report["codec"] != json.loads((REPO / "data/toy/codec.layout.json").read_text())["codec"]
 
 
+def test_the_rounds_are_those_the_preset_asks_speechalign_for(tmp_path, monkeypatch, capsys):
+    """A preset with --rounds 2 scores and checks round 1 and round 2, and the control after 2 rounds (the count
+    came from AlignArgs' default, 3, whatever the preset said). The stages are not run: a stand-in for schedule
+    notes them and writes the report they would leave."""
+    import reproduce
+    smoke = reproduce.PRESETS["smoke"]
+    monkeypatch.setitem(reproduce.PRESETS, "two", smoke | {"align": [*smoke["align"], "--rounds", "2"]})
+    out = tmp_path / "two"
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", "--preset", "two", "--out", str(out)])
+    tasks = {}
+
+    def schedule(ts, timings):
+        tasks.update((name, cmd) for name, cmd, _ in ts)
+        none = (0.0, (-1.0, 1.0))
+        keys = ["sft_vs_golden_l1_nar", "round1_vs_sft", "round2_vs_round1", "control_vs_round2",
+                "control_round1_vs_round1", "round2_vs_sft"]
+        report = fake_report({k: (none, none) for k in keys}, {"sft": 0.7, "round1": 0.6, "round2": 0.5})
+        (out / "eval").mkdir()
+        (out / "eval" / "report.json").write_text(json.dumps(report))
+        (out / "eval" / "report.md").write_text("# Evaluation report\n\n| system |\n\nthe rest\n")
+
+    monkeypatch.setattr(reproduce, "schedule", schedule)
+    reproduce.main()
+    ev = tasks["eval"]
+    assert [ev[i + 1] for i, x in enumerate(ev) if x == "--ar"] == [
+        "sft=data/toy/sft_ar.pt", f"round1={out}/align/round1/ar.pt", f"round2={out}/align/round2/ar.pt",
+        f"control_round1={out}/control/round1/ar.pt", f"control={out}/control/round2/ar.pt"]
+    assert sorted(t for t in tasks if t.startswith("score")) == [
+        "score control", "score control_round1", "score round1", "score round2"]
+    printed = capsys.readouterr().out
+    assert "| round 2 is no worse than round 1" in printed and "WER control - round2" in printed
+    assert "round3" not in printed
+
+
 def fake_report(deltas, accs):
     """A report with the given pairwise (delta, ci) of WER and SIM and classifier accuracies."""
     pairwise = {k: {"delta_wer": w[0], "delta_wer_ci": w[1], "delta_sim": s[0], "delta_sim_ci": s[1]}
