@@ -22,6 +22,7 @@ Everything runs on one GPU or the CPU. `train_codec_lm.py` pretrains the two mod
 """
 import argparse
 import json
+import math
 import os
 import random
 import time
@@ -91,8 +92,8 @@ class LMConfig:
     n_layer: int = 6
     n_head: int = 4
     dropout: float = 0.1  # residual and MLP dropout; none inside attention (it forces a slow SDPA path)
-    max_text: int = 256  # text positions
-    max_audio: int = 1024  # audio positions: prompt + target (+ EOS), in frames
+    max_text: int = 256  # text positions (train_codec_lm.py --max_text)
+    max_audio: int = 1024  # audio positions: prompt + target (+ EOS), in frames (--max_audio); see too_long
 
 
 class Block(nn.Module):
@@ -216,6 +217,23 @@ def make_examples(corpus, tok, prompt_seconds=3.0, mode="cross", seed=0, frame_r
     return examples
 
 
+def too_long(example, max_text, max_audio, prompt_frames=None):
+    """Why an example (text ids, prompt [Q, Lp], target [Q, Lg]) does not fit a model's positions, or None.
+
+    The one rule, in pretraining, pair construction and evaluation alike: an example whose text is longer than
+    max_text, or whose prompt + target + EOS is longer than max_audio frames, is skipped (the caller counts it),
+    never cropped: a cropped target would teach the AR to stop mid-sentence, and a cropped text would no longer
+    say what the audio says. prompt_frames, if given, stands for the example's own prompt length (pretraining
+    passes the longest prompt an epoch can draw, so that every epoch keeps the same utterances)."""
+    text, prompt, target = example
+    lp = prompt.shape[1] if prompt_frames is None else prompt_frames
+    if len(text) > max_text:
+        return f"{len(text)} text tokens > {max_text}"
+    if lp + target.shape[1] + 1 > max_audio:
+        return f"prompt {lp} + target {target.shape[1]} + EOS > {max_audio} audio frames"
+    return None
+
+
 # -----------------------------------------------------------------------------------------------------------
 # sequence_logps: log p(y | x) = sum over scored positions t of log softmax(logits_t)[y_t].
 # Computed in fp32 (bf16/fp16 log-softmax loses the small differences DPO lives on). Targets at unscored
@@ -279,20 +297,27 @@ class AR(CodecLM):
         return self.head(self.trunk(x, mask, caches))
 
     @torch.no_grad()
-    def generate(self, texts, prompts, temperature=1.0, top_k=None, top_p=None, max_ratio=8.0,
-                 use_cache=True, generator=None, return_logits=False):
+    def generate(self, texts, prompts, temperature=1.0, top_k=None, top_p=None, seconds_per_token=0.16, *,
+                 frame_rate, use_cache=True, generator=None, return_logits=False):
         """Sample layer-1 codes for each (text ids, prompt codes [Q, Lp]); batched, with a KV cache.
 
         Prefixes [text | prompt] are left-padded so that every sequence's next token lands in the same
-        column. Each sequence stops at its own EOS or after max_ratio * len(text) frames (then `hit_limit`).
-        temperature 0 is greedy. Returns (list of LongTensor [T_i], hit_limit BoolTensor [B]).
+        column. Each sequence stops at its own EOS or at its length limit (then `hit_limit`): frame_limit's
+        frames for its text, and never past the audio positions. frame_rate is the codec's frames per second
+        (callers pass the checkpoint's or the corpus's codec["frame_rate"]); it has no default, so that no
+        caller can sample a 75 Hz model with a 50 Hz limit. temperature 0 is greedy.
+        Returns (list of LongTensor [T_i], hit_limit BoolTensor [B]).
         """
         dev = self.head.weight.device
         B = len(texts)
         lt = torch.tensor([len(t) for t in texts])
         lp = torch.tensor([p.shape[1] for p in prompts])
+        if (lt > self.cfg.max_text).any() or (lp >= self.cfg.max_audio).any():
+            raise ValueError(f"a text or prompt leaves no room to sample in the model's positions "
+                             f"({self.cfg.max_text} text, {self.cfg.max_audio} audio): skip it first (too_long)")
         P = int((lt + lp).max())
-        limit = torch.minimum((max_ratio * lt).ceil().long(), self.cfg.max_audio - lp)
+        limit = torch.minimum(torch.tensor([frame_limit(seconds_per_token, frame_rate, n) for n in lt.tolist()]),
+                              self.cfg.max_audio - lp)
         text = torch.zeros(B, P, dtype=torch.long)
         audio = torch.full((B, 1, P), -1, dtype=torch.long)
         is_audio = torch.zeros(B, P, dtype=torch.bool)
@@ -329,9 +354,11 @@ class AR(CodecLM):
             out = torch.cat([out, torch.where(nxt == self.eos, 0, nxt).unsqueeze(1)], 1)
             if done.all():
                 break
-            # the next input column: the sampled code at audio position lp + step
+            # the next input column: the sampled code at audio position lp + step. A finished sequence is still
+            # fed (its codes are dropped), at most at the last position: one cut at the positions would pass them
             new = (torch.zeros(B, 1, dtype=torch.long, device=dev), out[:, -1:].unsqueeze(1),
-                   torch.ones(B, 1, dtype=torch.bool, device=dev), (lp + step).unsqueeze(1))
+                   torch.ones(B, 1, dtype=torch.bool, device=dev),
+                   (lp + step).clamp(max=self.cfg.max_audio - 1).unsqueeze(1))
             valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1)
             if use_cache:
                 feed, mask = new, valid.unsqueeze(1)  # one query row that sees every real key so far
@@ -342,9 +369,18 @@ class AR(CodecLM):
         return (codes, hit_limit.cpu(), step_logits) if return_logits else (codes, hit_limit.cpu())
 
 
+def frame_limit(seconds_per_token, frame_rate, n_text):
+    """The sampling length limit of a text of n_text tokens: ceil(seconds_per_token * frame_rate * n_text) frames.
+    In seconds per token, so that one setting serves any codec: 0.16 s is 8 frames at the toy codec's 50 Hz and
+    12 at EnCodec's 75 Hz. Rounded to 1e-6 frames before the ceiling, because float products are not exact
+    (0.16 * 7 * 50 is 56.00000000000001, which must not give 57 frames)."""
+    return math.ceil(round(seconds_per_token * frame_rate * n_text, 6))
+
+
 # Default sampling, shared by inference (eval.py) and by SpeechAlign's rejected samples: the pairs should
 # show the model's mistakes as they happen at inference. Top-k 50 cuts the long tail of a 1024-code layer.
-SAMPLING = dict(temperature=1.0, top_k=50, top_p=None, max_ratio=8.0)
+# The length limit, 0.16 s per text token, was 8 frames per token, set on the toy codec at 50 Hz.
+SAMPLING = dict(temperature=1.0, top_k=50, top_p=None, seconds_per_token=0.16)
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -468,12 +504,15 @@ def pair_examples(pairs, idx, side):
 
 
 @torch.no_grad()
-def make_pairs(ar, examples, k=1, sampling=SAMPLING, batch_size=64, seed=0, progress=False):
-    """Sample K rejected layer-1 sequences per example from `ar` (the KV-cache sampler, `sampling` settings);
-    the golden target is the chosen side. Returns the pairs dict with its statistics."""
+def make_pairs(ar, examples, k=1, sampling=SAMPLING, batch_size=64, seed=0, progress=False, *, frame_rate):
+    """Sample K rejected layer-1 sequences per example from `ar` (the KV-cache sampler, `sampling` settings, the
+    codec's frame_rate); the golden target is the chosen side. Examples that do not fit the AR's positions are
+    skipped (too_long) and counted in the statistics. Returns the pairs dict with its statistics."""
     ar.eval()
     dev = ar.head.weight.device
     t0 = time.time()
+    given = len(examples)
+    examples = [ex for ex in examples if too_long(ex, ar.cfg.max_text, ar.cfg.max_audio) is None]
     # similar prompt+text lengths share a batch: less left padding in the sampler
     jobs = sorted(((i, r) for i in range(len(examples)) for r in range(k)),
                   key=lambda j: (len(examples[j[0]][0]) + examples[j[0]][1].shape[1], j))
@@ -482,7 +521,7 @@ def make_pairs(ar, examples, k=1, sampling=SAMPLING, batch_size=64, seed=0, prog
     for n, chunk in enumerate(tqdm(batches, desc="sample pairs", disable=not progress)):
         g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + n)
         codes, lim = ar.generate([examples[i][0] for i, _ in chunk], [examples[i][1] for i, _ in chunk],
-                                 generator=g, **sampling)
+                                 generator=g, frame_rate=frame_rate, **sampling)
         for job, c, h in zip(chunk, codes, lim.tolist()):
             rejected[job], hit[job] = c, h
     order = sorted(rejected)  # (utterance, sample) order, whatever the batching
@@ -490,8 +529,8 @@ def make_pairs(ar, examples, k=1, sampling=SAMPLING, batch_size=64, seed=0, prog
                  chosen=[g[0].clone() for _, _, g in examples], rejected=[rejected[j] for j in order],
                  pair_utt=[i for i, _ in order], hit_limit=torch.tensor([hit[j] for j in order]))
     len_c = torch.tensor([len(c) for c in pairs["chosen"]], dtype=torch.float)
-    pairs["stats"] = dict(n_utts=len(examples), n_pairs=len(order), k=k, sampling_seconds=round(time.time() - t0, 2),
-                          chosen_len_mean=len_c.mean().item())
+    pairs["stats"] = dict(n_utts=len(examples), skipped_too_long=given - len(examples), n_pairs=len(order), k=k,
+                          sampling_seconds=round(time.time() - t0, 2), chosen_len_mean=len_c.mean().item())
     if order:  # k = 0 (the control) samples nothing
         len_r = torch.tensor([len(r) for r in pairs["rejected"]], dtype=torch.float)
         pairs["stats"] |= dict(rejected_len_mean=len_r.mean().item(),
@@ -628,7 +667,8 @@ class AlignArgs:
     prompt_seconds: float = field(default=3.0, metadata={"help": "cross-sentence acoustic prompt length"})
     temperature: float = field(default=SAMPLING["temperature"], metadata={"help": "sampling of rejected codes"})
     top_k: int = field(default=SAMPLING["top_k"], metadata={"help": "sampling of rejected codes (0: no top-k)"})
-    max_ratio: float = field(default=SAMPLING["max_ratio"], metadata={"help": "sample length limit, frames per text token"})
+    seconds_per_token: float = field(default=SAMPLING["seconds_per_token"], metadata={
+        "help": "sample length limit, seconds of audio per text token (frame_limit)"})
     beta: float = field(default=0.1, metadata={"help": "DPO beta: strength of the pull towards the reference"})
     label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO epsilon"})
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo"})
@@ -680,7 +720,7 @@ def align(a):
     if len(pool) < need:
         raise ValueError(f"{a.train} has {len(pool)} utterances; {a.rounds if a.fresh_utts else 1} x --n_utts "
                          f"{a.n_utts} needs {need}")
-    sampling = dict(temperature=a.temperature, top_k=a.top_k or None, top_p=None, max_ratio=a.max_ratio)
+    sampling = dict(temperature=a.temperature, top_k=a.top_k or None, top_p=None, seconds_per_token=a.seconds_per_token)
     history = []
     for t in range(1, a.rounds + 1):
         folder = os.path.join(a.out, f"round{t}")
@@ -704,10 +744,16 @@ def align(a):
             pairs = torch.load(pairs_path, weights_only=True)
             check_same("pairs", pairs_path, pairs["meta"], meta)
         else:
-            pairs = make_pairs(policy, examples, meta["k"], sampling, a.sample_batch, seed=a.seed * 1000 + t, progress=True)
+            pairs = make_pairs(policy, examples, meta["k"], sampling, a.sample_batch, seed=a.seed * 1000 + t,
+                               progress=True, frame_rate=corpus["codec"]["frame_rate"])
             pairs["meta"] = meta
+        if pairs["stats"]["skipped_too_long"]:
+            print(f"round {t}: {pairs['stats']['skipped_too_long']} of {len(examples)} utterances skipped, longer "
+                  f"than the AR's positions ({policy.cfg.max_text} text, {policy.cfg.max_audio} audio frames)")
+        if not pairs["chosen"]:
+            raise ValueError(f"round {t}: none of the {len(examples)} utterances fits the AR's positions")
         if a.control:
-            idx, ref = list(range(len(examples))), None
+            idx, ref = list(range(len(pairs["chosen"]))), None
         else:
             idx = usable_pairs(pairs)
             if not idx:

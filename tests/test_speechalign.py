@@ -192,8 +192,8 @@ def init_ckpt(tmp_path_factory):
 
 def args(init, out, *extra):
     return sa.parse_args(["--init", init, "--train", str(CORPUS), "--out", str(out), "--n_utts", "6", "--k", "2",
-                          "--steps", "4", "--batch_size", "4", "--max_ratio", "1.0", "--lr", "1e-3", "--warmup", "1",
-                          "--threads", "1", *extra])
+                          "--steps", "4", "--batch_size", "4", "--seconds_per_token", "0.02", "--lr", "1e-3",
+                          "--warmup", "1", "--threads", "1", *extra])
 
 
 def independent_logps(ckpt_path, pairs, side):
@@ -279,7 +279,7 @@ def test_bad_inputs_are_refused(init_ckpt, tmp_path, monkeypatch):
 def test_command_line_runs_and_resumes(init_ckpt, tmp_path):
     cmd = [sys.executable, str(REPO / "speechalign.py"), "--init", init_ckpt, "--train", str(CORPUS), "--out",
            str(tmp_path), "--rounds", "1", "--n_utts", "4", "--k", "1", "--steps", "2", "--batch_size", "2",
-           "--max_ratio", "0.5", "--threads", "1"]
+           "--seconds_per_token", "0.01", "--threads", "1"]
     env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
