@@ -279,14 +279,18 @@ class AR(CodecLM):
         self.eos = cfg.card[0]
         self.head = nn.Linear(cfg.d_model, cfg.card[0] + 1, bias=False)
 
-    def batch(self, examples, device="cpu"):
+    def batch(self, examples, device="cpu", eos=None):
         """Right-padded [text | prompt | target] sequences; `targets` are the next audio token (or EOS) at the
-        positions that predict the target and EOS, -100 elsewhere, so text and prompt are never scored."""
+        positions that predict the target and EOS, -100 elsewhere, so text and prompt are never scored.
+        eos: one bool per example, whether its target ends with a scored EOS (default: all do). A sample cut at
+        the sampler's length limit never emitted one: its target codes alone are scored."""
         b, spans = pack(examples, n_layers=1)
-        for i, ((_, p, g), (lt, lp, lg)) in enumerate(zip(examples, spans)):
+        eos = [True] * len(examples) if eos is None else eos
+        for i, ((_, p, g), (lt, lp, lg), e) in enumerate(zip(examples, spans, eos)):
             b["audio"][i, 0, lt:lt + lp + lg] = torch.cat([p[0], g[0]])
             start = lt + lp - 1  # the last prompt token predicts the first target code
-            b["targets"][i, start:start + lg + 1] = torch.cat([g[0], torch.tensor([self.eos])])
+            y = torch.cat([g[0], torch.tensor([self.eos])]) if e else g[0]
+            b["targets"][i, start:start + len(y)] = y
         return {k: v.to(device) for k, v in b.items()}
 
     def forward(self, text, audio, is_audio, pos, valid, caches=None, mask=None, **_):
@@ -541,10 +545,11 @@ def make_pairs(ar, examples, k=1, sampling=SAMPLING, batch_size=64, seed=0, prog
 
 
 def usable_pairs(pairs):
-    """Indices of pairs DPO can learn from: a non-empty rejected sample (an immediate EOS gives nothing to
-    score but EOS) that differs from the golden codes (identical sides give h = 0 and a constant loss)."""
-    return [j for j, (i, r) in enumerate(zip(pairs["pair_utt"], pairs["rejected"]))
-            if len(r) > 0 and not torch.equal(r, pairs["chosen"][i])]
+    """Indices of pairs DPO can learn from: those whose two sides are scored differently. A sample equal to the
+    golden codes that ended with EOS is dropped (identical sides give h = 0 and a constant loss); an empty one
+    (an immediate EOS) is kept: its EOS, its one scored token, is the mistake DPO should push down."""
+    return [j for j, (i, r, cut) in enumerate(zip(pairs["pair_utt"], pairs["rejected"], pairs["hit_limit"].tolist()))
+            if cut or not torch.equal(r, pairs["chosen"][i])]
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -569,12 +574,27 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
 
 
-def ar_logps(model, examples, device="cpu"):
+def ar_logps(model, examples, device="cpu", eos=None):
     """log pi(y | x) of each AR example, summed over its target codes and EOS (text and prompt positions are
-    never scored), and the number of scored tokens. One forward for the whole list."""
-    b = model.batch(examples, device=device)
+    never scored; `eos` as AR.batch takes it), and the number of scored tokens. One forward for the whole list."""
+    b = model.batch(examples, device=device, eos=eos)
     mask = b["targets"] != -100
     return sequence_logps(model(**b), b["targets"], mask), mask.sum(-1)
+
+
+def pair_eos(pairs, idx, side):
+    """Whether each example of pair_examples(pairs, idx, side) is scored with its EOS: the golden codes are,
+    and so is every sample except one cut at the length limit (hit_limit). That one never emitted EOS, and
+    scoring one would have DPO push down stopping exactly where the run-away sample was cut."""
+    return [side == "chosen" or not pairs["hit_limit"][j] for j in idx]
+
+
+def pair_logps(model, pairs, idx, device="cpu"):
+    """The forward DPO trains on: both sides of pairs `idx` in one concatenated batch, chosen then rejected.
+    Returns (chosen, rejected) log-probs and (chosen, rejected) scored-token counts."""
+    examples = pair_examples(pairs, idx, "chosen") + pair_examples(pairs, idx, "rejected")
+    logps, n = ar_logps(model, examples, device, pair_eos(pairs, idx, "chosen") + pair_eos(pairs, idx, "rejected"))
+    return logps.split(len(idx)), n.split(len(idx))
 
 
 @torch.no_grad()
@@ -586,16 +606,17 @@ def reference_logps(reference, pairs, idx, batch_size=32, device="cpu", desc=Non
     for s in tqdm(range(0, len(idx), batch_size), desc=desc, disable=desc is None):
         chunk = idx[s:s + batch_size]
         for side in out:
-            out[side].append(ar_logps(reference, pair_examples(pairs, chunk, side), device)[0].cpu())
+            ex, eos = pair_examples(pairs, chunk, side), pair_eos(pairs, chunk, side)
+            out[side].append(ar_logps(reference, ex, device, eos)[0].cpu())
     return {side: torch.cat(v) for side, v in out.items()}
 
 
 def train_round(policy, pairs, idx, ref, a, log=None):
     """One round of a.steps optimizer steps of a.batch_size pairs (or, with a.control, of golden utterances).
 
-    DPO: chosen and rejected go through one concatenated forward; loss = mean over the batch of dpo_loss,
-    plus a.sft_weight * (per-token NLL of the chosen side) -- the optional SFT term (alpha, default 0) that
-    some DPO recipes add to keep log pi(y_w) from falling while the margin grows.
+    DPO: chosen and rejected go through one concatenated forward (pair_logps); loss = mean over the batch of
+    dpo_loss, plus a.sft_weight * (per-token NLL of the chosen side) -- the optional SFT term (alpha, default 0)
+    that some DPO recipes add to keep log pi(y_w) from falling while the margin grows.
     Control: the mean per-token NLL of the golden codes (lm_loss), same steps, same examples per step.
     Dropout is off (policy.eval()): with it on, pi != pi_ref at step 0 and the rewards start as noise."""
     dev = policy.head.weight.device
@@ -615,19 +636,19 @@ def train_round(policy, pairs, idx, ref, a, log=None):
             if a.control:
                 loss = lm_loss(policy, policy.batch(golden_examples(pairs, batch), device=dev))
             else:
-                logps, n = ar_logps(policy, pair_examples(pairs, batch, "chosen") + pair_examples(pairs, batch, "rejected"), dev)
-                (pc, pr), (nc, nr) = logps.split(len(batch)), n.split(len(batch))
+                (logp_c, logp_r), (nc, nr) = pair_logps(policy, pairs, batch, dev)
+                pc, pr = logp_c, logp_r
                 rc, rr = ref["chosen"][take].to(dev), ref["rejected"][take].to(dev)
                 if a.loss_type == "ipo":  # IPO works on length-averaged log-probs
                     pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
                 losses, r_c, r_r = dpo_loss(pc, pr, rc, rr, a.beta, a.label_smoothing, a.loss_type)
                 loss = losses.mean()
                 if a.sft_weight:
-                    loss = loss + a.sft_weight * (-logps[:len(batch)] / nc).mean()
+                    loss = loss + a.sft_weight * (-logp_c / nc).mean()
                 rec |= {"rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
                         "rewards/accuracies": (r_c > r_r).float().mean().item(),
                         "rewards/margins": (r_c - r_r).mean().item(),
-                        "logps/chosen": logps[:len(batch)].mean().item(), "logps/rejected": logps[len(batch):].mean().item(),
+                        "logps/chosen": logp_c.mean().item(), "logps/rejected": logp_r.mean().item(),
                         "lengths/chosen": nc.float().mean().item(), "lengths/rejected": nr.float().mean().item()}
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -758,7 +779,7 @@ def align(a):
             idx = usable_pairs(pairs)
             if not idx:
                 raise ValueError(f"round {t}: none of the {len(pairs['rejected'])} sampled pairs is usable (every "
-                                 f"sample was empty or equal to its golden codes); nothing for DPO to learn from")
+                                 f"sample equals its golden codes); nothing for DPO to learn from")
             # pi_ref = AR_t, the policy before this round's first step (eval mode, no grad); only its log-probs
             # are needed, so they are kept and nothing of the model. Before training pi = pi_ref: rewards 0.
             with autocast(a.precision, dev):

@@ -267,7 +267,8 @@ def bench_dpo(args):
     length = lambda: int(torch.randint(args.target * 4 // 5, args.target * 6 // 5 + 1, (1,), generator=g))
     ex = random_examples(args, n, length, g)
     pairs = dict(texts=[t for t, _, _ in ex], prompts=[p for _, p, _ in ex], chosen=[c[0] for _, _, c in ex],
-                 rejected=[torch.randint(0, args.card, (length(),), generator=g) for _ in ex], pair_utt=list(range(n)))
+                 rejected=[torch.randint(0, args.card, (length(),), generator=g) for _ in ex], pair_utt=list(range(n)),
+                 hit_limit=torch.zeros(n, dtype=torch.bool))
     idx = list(range(n))
     a = replace(AlignArgs(), steps=1, batch_size=n, warmup=1, precision=args.precision)
     with autocast(args.precision, dev):  # as align() takes it

@@ -270,6 +270,25 @@ def test_ar_batch_layout_and_targets():
     assert torch.equal(b2["targets"], b["targets"])
 
 
+def test_ar_batch_scores_eos_only_where_asked():
+    """A sample cut at the length limit (eos False) is scored on its codes alone; an empty sample that ended
+    with an immediate EOS is scored on that EOS alone."""
+    ar = AR(cfg())
+    sizes = [(3, 4, 5), (2, 3, 6), (4, 2, 0)]
+    ex = examples(sizes)
+    b = ar.batch(ex, eos=[True, False, True])
+    T = max(sum(s) for s in sizes)
+    want = [[-100] * T for _ in sizes]
+    want[0][3 + 4 - 1:3 + 4 + 5] = ex[0][2][0].tolist() + [ar.eos]
+    want[1][2 + 3 - 1:2 + 3 + 6 - 1] = ex[1][2][0].tolist()  # no EOS: the last frame predicts nothing
+    want[2][4 + 2 - 1] = ar.eos  # the last prompt frame predicts EOS
+    assert b["targets"].tolist() == want
+    assert torch.equal(ar.batch(ex)["targets"][0], b["targets"][0])  # the default: every example ends with EOS
+    for k in ("text", "audio", "is_audio", "pos", "valid"):  # the inputs are the same either way
+        assert torch.equal(ar.batch(ex)[k], b[k])
+
+
+
 def test_lm_loss_is_mean_over_scored_positions_by_hand():
     torch.manual_seed(0)
     ar = AR(cfg()).eval()
