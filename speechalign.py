@@ -611,16 +611,25 @@ def reference_logps(reference, pairs, idx, batch_size=32, device="cpu", desc=Non
     return {side: torch.cat(v) for side, v in out.items()}
 
 
-def train_round(policy, pairs, idx, ref, a, log=None):
+def train_round(policy, pairs, idx, ref, a, log=None, before=False):
     """One round of a.steps optimizer steps of a.batch_size pairs (or, with a.control, of golden utterances).
 
     DPO: chosen and rejected go through one concatenated forward (pair_logps); loss = mean over the batch of
     dpo_loss, plus a.sft_weight * (per-token NLL of the chosen side) -- the optional SFT term (alpha, default 0)
     that some DPO recipes add to keep log pi(y_w) from falling while the margin grows.
     Control: the mean per-token NLL of the golden codes (lm_loss), same steps, same examples per step.
-    Dropout is off (policy.eval()): with it on, pi != pi_ref at step 0 and the rewards start as noise."""
+    Dropout is off (policy.eval()): with it on, pi != pi_ref at step 0 and the rewards start as noise.
+    With `before`, it first takes the policy's log-probs of every pair in idx as training computes them (this
+    mode, this autocast, the same forward, a.batch_size pairs at a time) and returns them: against the
+    reference's, the `before` rewards, near 0 only if training sees the policy as the reference was measured."""
     dev = policy.head.weight.device
     policy.eval()
+    measured = None
+    if before:
+        chunks = [idx[s:s + a.batch_size] for s in range(0, len(idx), a.batch_size)]
+        with torch.no_grad(), autocast(a.precision, dev):
+            logps = [pair_logps(policy, pairs, chunk, dev)[0] for chunk in chunks]
+        measured = {side: torch.cat([lp[k] for lp in logps]).cpu() for k, side in enumerate(("chosen", "rejected"))}
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(a.seed)
     queue = []
@@ -658,6 +667,7 @@ def train_round(policy, pairs, idx, ref, a, log=None):
             log.write(json.dumps(rec) + "\n")
             log.flush()
     policy.eval()
+    return measured
 
 
 def reward_metrics(now, ref, beta):
@@ -781,21 +791,23 @@ def align(a):
                 raise ValueError(f"round {t}: none of the {len(pairs['rejected'])} sampled pairs is usable (every "
                                  f"sample equals its golden codes); nothing for DPO to learn from")
             # pi_ref = AR_t, the policy before this round's first step (eval mode, no grad); only its log-probs
-            # are needed, so they are kept and nothing of the model. Before training pi = pi_ref: rewards 0.
+            # are needed, so they are kept and nothing of the model.
             with autocast(a.precision, dev):
                 ref = reference_logps(policy, pairs, idx, a.batch_size, dev, desc="reference log-probs")
             pairs["reference"] = ref | {"idx": torch.tensor(idx)}
-            before = reward_metrics(ref, ref, a.beta)
         save_checkpoint(pairs_path, **pairs)
         t0 = time.time()
         with open(os.path.join(folder, "log.jsonl"), "w") as log:
-            train_round(policy, pairs, idx, ref, replace(a, lr=a.lr * a.lr_decay ** (t - 1)), log)
+            # `before`: the policy as training sees it, before its first step, where pi = pi_ref: rewards near 0
+            # (not exactly: batches padded to other lengths round differently, by up to ~0.2 nats in bf16)
+            before = train_round(policy, pairs, idx, ref, replace(a, lr=a.lr * a.lr_decay ** (t - 1)), log,
+                                 before=not a.control)
         metrics = dict(round=t, control=a.control, pairs=pairs["stats"], usable_pairs=len(idx),
                        train_seconds=round(time.time() - t0, 1), args=asdict(a))
         if not a.control:
             with autocast(a.precision, dev):
                 after = reference_logps(policy, pairs, idx, a.batch_size, dev, desc="rewards after")
-            metrics |= {"before": before, "after": reward_metrics(after, ref, a.beta)}
+            metrics |= {"before": reward_metrics(before, ref, a.beta), "after": reward_metrics(after, ref, a.beta)}
         save_checkpoint(out_ckpt, kind="ar", config=asdict(policy.cfg), step=ckpt["step"], model=policy.state_dict(),
                         tokenizer={"symbols": tok.symbols, "kind": tok.kind}, codec=ckpt["codec"], round=t,
                         args=asdict(a))
