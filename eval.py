@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from codec import as_mono, load_codec, load_corpus, load_pt
-from speechalign import SAMPLING, load_model, make_examples, sequence_logps, synthesise
+from speechalign import SAMPLING, load_model, make_examples, sequence_logps, synthesise, too_long
 
 NORMALIZATION = (
     "Text is Unicode-NFKC-normalised and lower-cased, apostrophes are dropped (don't -> dont), "
@@ -248,8 +248,9 @@ def test_set(corpus, tok, n=None, prompt_seconds=3.0, seed=0):
 
 @torch.no_grad()
 def generate(ar, nar, examples, golden_layer1=False, batch_size=32, seed=0, sampling=None, progress=None,
-             nar_precision="fp32"):
+             nar_precision="fp32", frame_rate=None):
     """Codes [Q, T] for each example: layer 1 sampled by the AR (or the golden one), layers 2..Q by the NAR.
+    frame_rate: the codec's, for the AR's length limit (speechalign.frame_limit).
 
     Batches of similar text length share the KV-cache sampler; each batch has its own seeded generator, so
     the result depends on the seed, the test list and the batch size only (and on the device: a GPU draws
@@ -265,7 +266,8 @@ def generate(ar, nar, examples, golden_layer1=False, batch_size=32, seed=0, samp
             lim = [False] * len(idx)
         else:
             g = torch.Generator(device=ar.head.weight.device).manual_seed(seed * 1_000_003 + k)
-            out, lim = synthesise(ar, nar, texts, prompts, generator=g, nar_precision=nar_precision, **sampling)
+            out, lim = synthesise(ar, nar, texts, prompts, generator=g, nar_precision=nar_precision,
+                                  frame_rate=frame_rate, **sampling)
             lim = lim.tolist()
         for i, c, h in zip(idx, out, lim):
             codes[i], hit[i] = c, bool(h)
@@ -654,6 +656,9 @@ def markdown(r):
     lines = ["# Evaluation report", "", *table, "", "## Setup", "",
              f"- Test list: {n} utterances ({r['n_seen']} of test_seen, {r['n_unseen']} of test_unseen), each with a "
              f"{r['prompt_seconds']:g} s prompt from another utterance of the same speaker; seed {r['seed']}.",
+             *([f"- Skipped, longer than the models' positions (text, or prompt + target + EOS): "
+                f"{len(r['skipped'])} utterances: " + ", ".join(f"{x['id']} ({x['reason']})" for x in r["skipped"])]
+               if r["skipped"] else []),
              f"- WER: {r['wer_kind']}; ASR: {r['asr']}. Normalisation: {r['normalization']}",
              f"- SIM: {r['sim_kind']}.",
              "- An utterance the judges cannot score (its codes do not decode, or the ASR or the speaker encoder fails "
@@ -704,8 +709,8 @@ def get_args(argv=None):
     ap.add_argument("--n_unseen", type=int, default=100, help="utterances of --test_unseen, drawn likewise")
     ap.add_argument("--prompt_seconds", type=float, default=3.0)
     ap.add_argument("--asr", default=None, help="faster-whisper model name or directory (default: offline tiny.en)")
-    ap.add_argument("--max_ratio", type=float, default=None,
-                    help="AR length limit in frames per text token (default: speechalign.SAMPLING's)")
+    ap.add_argument("--seconds_per_token", type=float, default=None,
+                    help="AR length limit in seconds of audio per text token (default: speechalign.SAMPLING's)")
     ap.add_argument("--batch_size", type=int, default=32, help="sequences per KV-cache sampling batch")
     ap.add_argument("--nar_precision", choices=("fp32", "bf16"), default="fp32",
                     help="the NAR's passes under bf16 autocast (2x faster on a CPU with AVX512-BF16; the AR "
@@ -767,17 +772,29 @@ def main(argv=None):
         if ckpt["tokenizer"] != nar_ckpt["tokenizer"]:
             raise SystemExit(f"{path}: its text tokenizer differs from the NAR's ({args.nar}); AR and NAR must read "
                              "the same text ids")
-    examples, refs, ids, splits, data = [], [], [], [], []
+        positions = (ckpt["config"]["max_text"], ckpt["config"]["max_audio"])
+        if positions != (nar.cfg.max_text, nar.cfg.max_audio):
+            raise SystemExit(f"{path}: its positions ({positions[0]} text, {positions[1]} audio) differ from the NAR's "
+                             f"({args.nar}: {nar.cfg.max_text} text, {nar.cfg.max_audio} audio); the NAR reads the "
+                             "AR's samples, and every system must fit the same test list")
+    examples, refs, ids, splits, data, skipped = [], [], [], [], [], []
     for split, path, n in (("seen", args.test_seen, args.n_seen), ("unseen", args.test_unseen, args.n_unseen)):
         if n > 0:
             corpus = load_corpus(path)
             check_codec(path, corpus["codec"]["name"])
-            ex, r, i = test_set(corpus, tok, n, args.prompt_seconds, args.seed)
-            examples, refs, ids, splits = examples + ex, refs + r, ids + i, splits + [split] * len(ex)
+            for e, r, i in zip(*test_set(corpus, tok, n, args.prompt_seconds, args.seed)):
+                # the rule of pretraining and of the pairs (speechalign.too_long): skipped and listed, not cropped
+                if why := too_long(e, nar.cfg.max_text, nar.cfg.max_audio):
+                    skipped.append(dict(id=i, split=split, reason=why))
+                    continue
+                examples, refs, ids, splits = examples + [e], refs + [r], ids + [i], splits + [split]
             data.append(file_key(path))
+    if skipped:
+        print(f"{len(skipped)} test utterances skipped, longer than the models' positions: "
+              + ", ".join(f"{s['id']} ({s['reason']})" for s in skipped))
     if len(examples) < 2:
         raise SystemExit("the test list needs at least 2 utterances: raise --n_seen or --n_unseen")
-    sampling = SAMPLING | ({} if args.max_ratio is None else {"max_ratio": args.max_ratio})
+    sampling = SAMPLING | ({} if args.seconds_per_token is None else {"seconds_per_token": args.seconds_per_token})
     judges = Judges(codec if args.jobs == 1 else args.codec, args.asr, args.jobs)
     base = dict(data=data, ids=ids, seed=args.seed, prompt_seconds=args.prompt_seconds, codec=codec.name,
                 asr=args.asr, asr_decoding=ASR_DECODING,
@@ -793,9 +810,9 @@ def main(argv=None):
     def score(name, codes):
         return judge(judges, codes, True, f"{name}: judge") | {"samples": [c.tolist() for c in codes[:args.n_samples]]}
 
-    def run(name, ar, golden_layer1=False):
+    def run(name, ar, golden_layer1=False, frame_rate=None):
         codes, hit = generate(ar, nar, examples, golden_layer1, args.batch_size, args.seed, sampling,
-                              lambda items: tqdm(items, desc=f"{name}: generate"), args.nar_precision)
+                              lambda items: tqdm(items, desc=f"{name}: generate"), args.nar_precision, frame_rate)
         out = score(name, codes) | {"hit_limit": hit}
         if ar is not None:
             out |= {"layer1": [c[0].tolist() for c in codes], "golden_nll": golden_nll(ar, examples, args.batch_size)}
@@ -816,7 +833,8 @@ def main(argv=None):
         ar, _, ckpt = load_model(path, "ar", device)
         key = base | shown | {"what": "ar", "ar": file_key(path, step=ckpt.get("step")), "nar": nar_key,
                       "sampling": sampling, "batch": args.batch_size}
-        results[name] = cached(args.out, key, lambda: run(name, ar)) | {"checkpoint": path, "step": ckpt.get("step")}
+        results[name] = cached(args.out, key, lambda: run(name, ar, frame_rate=ckpt["codec"]["frame_rate"])) | {
+            "checkpoint": path, "step": ckpt.get("step")}
         del ar, ckpt  # one AR in memory at a time
     judges.close()
     if args.score_only:
@@ -835,7 +853,7 @@ def main(argv=None):
                  "(`sim`), and of the golden resynthesis of the same utterance (`sim_to_golden`)",
         codec=codec.name, nar=f"{args.nar} ({args.nar_precision})", sampling=sampling, seed=args.seed,
         prompt_seconds=args.prompt_seconds,
-        n_seen=splits.count("seen"), n_unseen=splits.count("unseen"), n_boot=args.n_boot,
+        n_seen=splits.count("seen"), n_unseen=splits.count("unseen"), n_boot=args.n_boot, skipped=skipped,
         prompt_unscored=[dict(id=ids[f["utt"]], stage=f["stage"], reason=f["reason"]) for f in prompts["failures"]],
         test=[dict(id=i, split=sp, ref=r, ref_words=w) for i, sp, r, w in zip(ids, splits, refs, words)])
     write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=1))

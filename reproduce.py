@@ -40,7 +40,7 @@ PRESETS = {
              "--eval_every", "500", "--eval_utts", "64", "--snapshot_every", "500", "--precision", "bf16"]),
     "smoke": dict(
         align=["--n_utts", "6", "--k", "1", "--steps", "2", "--batch_size", "3", "--warmup", "1", "--sample_batch", "8"],
-        eval=["--n_seen", "3", "--n_unseen", "3", "--max_ratio", "2", "--n_samples", "1", "--n_boot", "200"],
+        eval=["--n_seen", "3", "--n_unseen", "3", "--seconds_per_token", "0.04", "--n_samples", "1", "--n_boot", "200"],
         corpus=["--train_per_speaker", "30", "--test_per_speaker", "2", "--unseen_per_speaker", "2"],
         codec=["--card", "64", "16", "16", "16", "16", "16", "16", "16", "--eval_utts", "4"],
         subset=["--limit", "18"],

@@ -22,6 +22,7 @@ Everything runs on one GPU or the CPU. `train_codec_lm.py` pretrains the two mod
 """
 import argparse
 import json
+import math
 import os
 import random
 import time
@@ -91,8 +92,8 @@ class LMConfig:
     n_layer: int = 6
     n_head: int = 4
     dropout: float = 0.1  # residual and MLP dropout; none inside attention (it forces a slow SDPA path)
-    max_text: int = 256  # text positions
-    max_audio: int = 1024  # audio positions: prompt + target (+ EOS), in frames
+    max_text: int = 256  # text positions (train_codec_lm.py --max_text)
+    max_audio: int = 1024  # audio positions: prompt + target (+ EOS), in frames (--max_audio); see too_long
 
 
 class Block(nn.Module):
@@ -216,6 +217,23 @@ def make_examples(corpus, tok, prompt_seconds=3.0, mode="cross", seed=0, frame_r
     return examples
 
 
+def too_long(example, max_text, max_audio, prompt_frames=None):
+    """Why an example (text ids, prompt [Q, Lp], target [Q, Lg]) does not fit a model's positions, or None.
+
+    The one rule, in pretraining, pair construction and evaluation alike: an example whose text is longer than
+    max_text, or whose prompt + target + EOS is longer than max_audio frames, is skipped (the caller counts it),
+    never cropped: a cropped target would teach the AR to stop mid-sentence, and a cropped text would no longer
+    say what the audio says. prompt_frames, if given, stands for the example's own prompt length (pretraining
+    passes the longest prompt an epoch can draw, so that every epoch keeps the same utterances)."""
+    text, prompt, target = example
+    lp = prompt.shape[1] if prompt_frames is None else prompt_frames
+    if len(text) > max_text:
+        return f"{len(text)} text tokens > {max_text}"
+    if lp + target.shape[1] + 1 > max_audio:
+        return f"prompt {lp} + target {target.shape[1]} + EOS > {max_audio} audio frames"
+    return None
+
+
 # -----------------------------------------------------------------------------------------------------------
 # sequence_logps: log p(y | x) = sum over scored positions t of log softmax(logits_t)[y_t].
 # Computed in fp32 (bf16/fp16 log-softmax loses the small differences DPO lives on). Targets at unscored
@@ -261,14 +279,18 @@ class AR(CodecLM):
         self.eos = cfg.card[0]
         self.head = nn.Linear(cfg.d_model, cfg.card[0] + 1, bias=False)
 
-    def batch(self, examples, device="cpu"):
+    def batch(self, examples, device="cpu", eos=None):
         """Right-padded [text | prompt | target] sequences; `targets` are the next audio token (or EOS) at the
-        positions that predict the target and EOS, -100 elsewhere, so text and prompt are never scored."""
+        positions that predict the target and EOS, -100 elsewhere, so text and prompt are never scored.
+        eos: one bool per example, whether its target ends with a scored EOS (default: all do). A sample cut at
+        the sampler's length limit never emitted one: its target codes alone are scored."""
         b, spans = pack(examples, n_layers=1)
-        for i, ((_, p, g), (lt, lp, lg)) in enumerate(zip(examples, spans)):
+        eos = [True] * len(examples) if eos is None else eos
+        for i, ((_, p, g), (lt, lp, lg), e) in enumerate(zip(examples, spans, eos)):
             b["audio"][i, 0, lt:lt + lp + lg] = torch.cat([p[0], g[0]])
             start = lt + lp - 1  # the last prompt token predicts the first target code
-            b["targets"][i, start:start + lg + 1] = torch.cat([g[0], torch.tensor([self.eos])])
+            y = torch.cat([g[0], torch.tensor([self.eos])]) if e else g[0]
+            b["targets"][i, start:start + len(y)] = y
         return {k: v.to(device) for k, v in b.items()}
 
     def forward(self, text, audio, is_audio, pos, valid, caches=None, mask=None, **_):
@@ -279,20 +301,27 @@ class AR(CodecLM):
         return self.head(self.trunk(x, mask, caches))
 
     @torch.no_grad()
-    def generate(self, texts, prompts, temperature=1.0, top_k=None, top_p=None, max_ratio=8.0,
-                 use_cache=True, generator=None, return_logits=False):
+    def generate(self, texts, prompts, temperature=1.0, top_k=None, top_p=None, seconds_per_token=0.16, *,
+                 frame_rate, use_cache=True, generator=None, return_logits=False):
         """Sample layer-1 codes for each (text ids, prompt codes [Q, Lp]); batched, with a KV cache.
 
         Prefixes [text | prompt] are left-padded so that every sequence's next token lands in the same
-        column. Each sequence stops at its own EOS or after max_ratio * len(text) frames (then `hit_limit`).
-        temperature 0 is greedy. Returns (list of LongTensor [T_i], hit_limit BoolTensor [B]).
+        column. Each sequence stops at its own EOS or at its length limit (then `hit_limit`): frame_limit's
+        frames for its text, and never past the audio positions. frame_rate is the codec's frames per second
+        (callers pass the checkpoint's or the corpus's codec["frame_rate"]); it has no default, so that no
+        caller can sample a 75 Hz model with a 50 Hz limit. temperature 0 is greedy.
+        Returns (list of LongTensor [T_i], hit_limit BoolTensor [B]).
         """
         dev = self.head.weight.device
         B = len(texts)
         lt = torch.tensor([len(t) for t in texts])
         lp = torch.tensor([p.shape[1] for p in prompts])
+        if (lt > self.cfg.max_text).any() or (lp >= self.cfg.max_audio).any():
+            raise ValueError(f"a text or prompt leaves no room to sample in the model's positions "
+                             f"({self.cfg.max_text} text, {self.cfg.max_audio} audio): skip it first (too_long)")
         P = int((lt + lp).max())
-        limit = torch.minimum((max_ratio * lt).ceil().long(), self.cfg.max_audio - lp)
+        limit = torch.minimum(torch.tensor([frame_limit(seconds_per_token, frame_rate, n) for n in lt.tolist()]),
+                              self.cfg.max_audio - lp)
         text = torch.zeros(B, P, dtype=torch.long)
         audio = torch.full((B, 1, P), -1, dtype=torch.long)
         is_audio = torch.zeros(B, P, dtype=torch.bool)
@@ -329,9 +358,11 @@ class AR(CodecLM):
             out = torch.cat([out, torch.where(nxt == self.eos, 0, nxt).unsqueeze(1)], 1)
             if done.all():
                 break
-            # the next input column: the sampled code at audio position lp + step
+            # the next input column: the sampled code at audio position lp + step. A finished sequence is still
+            # fed (its codes are dropped), at most at the last position: one cut at the positions would pass them
             new = (torch.zeros(B, 1, dtype=torch.long, device=dev), out[:, -1:].unsqueeze(1),
-                   torch.ones(B, 1, dtype=torch.bool, device=dev), (lp + step).unsqueeze(1))
+                   torch.ones(B, 1, dtype=torch.bool, device=dev),
+                   (lp + step).clamp(max=self.cfg.max_audio - 1).unsqueeze(1))
             valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1)
             if use_cache:
                 feed, mask = new, valid.unsqueeze(1)  # one query row that sees every real key so far
@@ -342,9 +373,18 @@ class AR(CodecLM):
         return (codes, hit_limit.cpu(), step_logits) if return_logits else (codes, hit_limit.cpu())
 
 
+def frame_limit(seconds_per_token, frame_rate, n_text):
+    """The sampling length limit of a text of n_text tokens: ceil(seconds_per_token * frame_rate * n_text) frames.
+    In seconds per token, so that one setting serves any codec: 0.16 s is 8 frames at the toy codec's 50 Hz and
+    12 at EnCodec's 75 Hz. Rounded to 1e-6 frames before the ceiling, because float products are not exact
+    (0.16 * 7 * 50 is 56.00000000000001, which must not give 57 frames)."""
+    return math.ceil(round(seconds_per_token * frame_rate * n_text, 6))
+
+
 # Default sampling, shared by inference (eval.py) and by SpeechAlign's rejected samples: the pairs should
 # show the model's mistakes as they happen at inference. Top-k 50 cuts the long tail of a 1024-code layer.
-SAMPLING = dict(temperature=1.0, top_k=50, top_p=None, max_ratio=8.0)
+# The length limit, 0.16 s per text token, was 8 frames per token, set on the toy codec at 50 Hz.
+SAMPLING = dict(temperature=1.0, top_k=50, top_p=None, seconds_per_token=0.16)
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -468,12 +508,15 @@ def pair_examples(pairs, idx, side):
 
 
 @torch.no_grad()
-def make_pairs(ar, examples, k=1, sampling=SAMPLING, batch_size=64, seed=0, progress=False):
-    """Sample K rejected layer-1 sequences per example from `ar` (the KV-cache sampler, `sampling` settings);
-    the golden target is the chosen side. Returns the pairs dict with its statistics."""
+def make_pairs(ar, examples, k=1, sampling=SAMPLING, batch_size=64, seed=0, progress=False, *, frame_rate):
+    """Sample K rejected layer-1 sequences per example from `ar` (the KV-cache sampler, `sampling` settings, the
+    codec's frame_rate); the golden target is the chosen side. Examples that do not fit the AR's positions are
+    skipped (too_long) and counted in the statistics. Returns the pairs dict with its statistics."""
     ar.eval()
     dev = ar.head.weight.device
     t0 = time.time()
+    given = len(examples)
+    examples = [ex for ex in examples if too_long(ex, ar.cfg.max_text, ar.cfg.max_audio) is None]
     # similar prompt+text lengths share a batch: less left padding in the sampler
     jobs = sorted(((i, r) for i in range(len(examples)) for r in range(k)),
                   key=lambda j: (len(examples[j[0]][0]) + examples[j[0]][1].shape[1], j))
@@ -482,7 +525,7 @@ def make_pairs(ar, examples, k=1, sampling=SAMPLING, batch_size=64, seed=0, prog
     for n, chunk in enumerate(tqdm(batches, desc="sample pairs", disable=not progress)):
         g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + n)
         codes, lim = ar.generate([examples[i][0] for i, _ in chunk], [examples[i][1] for i, _ in chunk],
-                                 generator=g, **sampling)
+                                 generator=g, frame_rate=frame_rate, **sampling)
         for job, c, h in zip(chunk, codes, lim.tolist()):
             rejected[job], hit[job] = c, h
     order = sorted(rejected)  # (utterance, sample) order, whatever the batching
@@ -490,8 +533,8 @@ def make_pairs(ar, examples, k=1, sampling=SAMPLING, batch_size=64, seed=0, prog
                  chosen=[g[0].clone() for _, _, g in examples], rejected=[rejected[j] for j in order],
                  pair_utt=[i for i, _ in order], hit_limit=torch.tensor([hit[j] for j in order]))
     len_c = torch.tensor([len(c) for c in pairs["chosen"]], dtype=torch.float)
-    pairs["stats"] = dict(n_utts=len(examples), n_pairs=len(order), k=k, sampling_seconds=round(time.time() - t0, 2),
-                          chosen_len_mean=len_c.mean().item())
+    pairs["stats"] = dict(n_utts=len(examples), skipped_too_long=given - len(examples), n_pairs=len(order), k=k,
+                          sampling_seconds=round(time.time() - t0, 2), chosen_len_mean=len_c.mean().item())
     if order:  # k = 0 (the control) samples nothing
         len_r = torch.tensor([len(r) for r in pairs["rejected"]], dtype=torch.float)
         pairs["stats"] |= dict(rejected_len_mean=len_r.mean().item(),
@@ -502,10 +545,11 @@ def make_pairs(ar, examples, k=1, sampling=SAMPLING, batch_size=64, seed=0, prog
 
 
 def usable_pairs(pairs):
-    """Indices of pairs DPO can learn from: a non-empty rejected sample (an immediate EOS gives nothing to
-    score but EOS) that differs from the golden codes (identical sides give h = 0 and a constant loss)."""
-    return [j for j, (i, r) in enumerate(zip(pairs["pair_utt"], pairs["rejected"]))
-            if len(r) > 0 and not torch.equal(r, pairs["chosen"][i])]
+    """Indices of pairs DPO can learn from: those whose two sides are scored differently. A sample equal to the
+    golden codes that ended with EOS is dropped (identical sides give h = 0 and a constant loss); an empty one
+    (an immediate EOS) is kept: its EOS, its one scored token, is the mistake DPO should push down."""
+    return [j for j, (i, r, cut) in enumerate(zip(pairs["pair_utt"], pairs["rejected"], pairs["hit_limit"].tolist()))
+            if cut or not torch.equal(r, pairs["chosen"][i])]
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -530,12 +574,27 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
 
 
-def ar_logps(model, examples, device="cpu"):
+def ar_logps(model, examples, device="cpu", eos=None):
     """log pi(y | x) of each AR example, summed over its target codes and EOS (text and prompt positions are
-    never scored), and the number of scored tokens. One forward for the whole list."""
-    b = model.batch(examples, device=device)
+    never scored; `eos` as AR.batch takes it), and the number of scored tokens. One forward for the whole list."""
+    b = model.batch(examples, device=device, eos=eos)
     mask = b["targets"] != -100
     return sequence_logps(model(**b), b["targets"], mask), mask.sum(-1)
+
+
+def pair_eos(pairs, idx, side):
+    """Whether each example of pair_examples(pairs, idx, side) is scored with its EOS: the golden codes are,
+    and so is every sample except one cut at the length limit (hit_limit). That one never emitted EOS, and
+    scoring one would have DPO push down stopping exactly where the run-away sample was cut."""
+    return [side == "chosen" or not pairs["hit_limit"][j] for j in idx]
+
+
+def pair_logps(model, pairs, idx, device="cpu"):
+    """The forward DPO trains on: both sides of pairs `idx` in one concatenated batch, chosen then rejected.
+    Returns (chosen, rejected) log-probs and (chosen, rejected) scored-token counts."""
+    examples = pair_examples(pairs, idx, "chosen") + pair_examples(pairs, idx, "rejected")
+    logps, n = ar_logps(model, examples, device, pair_eos(pairs, idx, "chosen") + pair_eos(pairs, idx, "rejected"))
+    return logps.split(len(idx)), n.split(len(idx))
 
 
 @torch.no_grad()
@@ -547,20 +606,30 @@ def reference_logps(reference, pairs, idx, batch_size=32, device="cpu", desc=Non
     for s in tqdm(range(0, len(idx), batch_size), desc=desc, disable=desc is None):
         chunk = idx[s:s + batch_size]
         for side in out:
-            out[side].append(ar_logps(reference, pair_examples(pairs, chunk, side), device)[0].cpu())
+            ex, eos = pair_examples(pairs, chunk, side), pair_eos(pairs, chunk, side)
+            out[side].append(ar_logps(reference, ex, device, eos)[0].cpu())
     return {side: torch.cat(v) for side, v in out.items()}
 
 
-def train_round(policy, pairs, idx, ref, a, log=None):
+def train_round(policy, pairs, idx, ref, a, log=None, before=False):
     """One round of a.steps optimizer steps of a.batch_size pairs (or, with a.control, of golden utterances).
 
-    DPO: chosen and rejected go through one concatenated forward; loss = mean over the batch of dpo_loss,
-    plus a.sft_weight * (per-token NLL of the chosen side) -- the optional SFT term (alpha, default 0) that
-    some DPO recipes add to keep log pi(y_w) from falling while the margin grows.
+    DPO: chosen and rejected go through one concatenated forward (pair_logps); loss = mean over the batch of
+    dpo_loss, plus a.sft_weight * (per-token NLL of the chosen side) -- the optional SFT term (alpha, default 0)
+    that some DPO recipes add to keep log pi(y_w) from falling while the margin grows.
     Control: the mean per-token NLL of the golden codes (lm_loss), same steps, same examples per step.
-    Dropout is off (policy.eval()): with it on, pi != pi_ref at step 0 and the rewards start as noise."""
+    Dropout is off (policy.eval()): with it on, pi != pi_ref at step 0 and the rewards start as noise.
+    With `before`, it first takes the policy's log-probs of every pair in idx as training computes them (this
+    mode, this autocast, the same forward, a.batch_size pairs at a time) and returns them: against the
+    reference's, the `before` rewards, near 0 only if training sees the policy as the reference was measured."""
     dev = policy.head.weight.device
     policy.eval()
+    measured = None
+    if before:
+        chunks = [idx[s:s + a.batch_size] for s in range(0, len(idx), a.batch_size)]
+        with torch.no_grad(), autocast(a.precision, dev):
+            logps = [pair_logps(policy, pairs, chunk, dev)[0] for chunk in chunks]
+        measured = {side: torch.cat([lp[k] for lp in logps]).cpu() for k, side in enumerate(("chosen", "rejected"))}
     opt = torch.optim.AdamW(policy.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
     g = torch.Generator().manual_seed(a.seed)
     queue = []
@@ -576,19 +645,19 @@ def train_round(policy, pairs, idx, ref, a, log=None):
             if a.control:
                 loss = lm_loss(policy, policy.batch(golden_examples(pairs, batch), device=dev))
             else:
-                logps, n = ar_logps(policy, pair_examples(pairs, batch, "chosen") + pair_examples(pairs, batch, "rejected"), dev)
-                (pc, pr), (nc, nr) = logps.split(len(batch)), n.split(len(batch))
+                (logp_c, logp_r), (nc, nr) = pair_logps(policy, pairs, batch, dev)
+                pc, pr = logp_c, logp_r
                 rc, rr = ref["chosen"][take].to(dev), ref["rejected"][take].to(dev)
                 if a.loss_type == "ipo":  # IPO works on length-averaged log-probs
                     pc, pr, rc, rr = pc / nc, pr / nr, rc / nc, rr / nr
                 losses, r_c, r_r = dpo_loss(pc, pr, rc, rr, a.beta, a.label_smoothing, a.loss_type)
                 loss = losses.mean()
                 if a.sft_weight:
-                    loss = loss + a.sft_weight * (-logps[:len(batch)] / nc).mean()
+                    loss = loss + a.sft_weight * (-logp_c / nc).mean()
                 rec |= {"rewards/chosen": r_c.mean().item(), "rewards/rejected": r_r.mean().item(),
                         "rewards/accuracies": (r_c > r_r).float().mean().item(),
                         "rewards/margins": (r_c - r_r).mean().item(),
-                        "logps/chosen": logps[:len(batch)].mean().item(), "logps/rejected": logps[len(batch):].mean().item(),
+                        "logps/chosen": logp_c.mean().item(), "logps/rejected": logp_r.mean().item(),
                         "lengths/chosen": nc.float().mean().item(), "lengths/rejected": nr.float().mean().item()}
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -598,6 +667,7 @@ def train_round(policy, pairs, idx, ref, a, log=None):
             log.write(json.dumps(rec) + "\n")
             log.flush()
     policy.eval()
+    return measured
 
 
 def reward_metrics(now, ref, beta):
@@ -628,7 +698,8 @@ class AlignArgs:
     prompt_seconds: float = field(default=3.0, metadata={"help": "cross-sentence acoustic prompt length"})
     temperature: float = field(default=SAMPLING["temperature"], metadata={"help": "sampling of rejected codes"})
     top_k: int = field(default=SAMPLING["top_k"], metadata={"help": "sampling of rejected codes (0: no top-k)"})
-    max_ratio: float = field(default=SAMPLING["max_ratio"], metadata={"help": "sample length limit, frames per text token"})
+    seconds_per_token: float = field(default=SAMPLING["seconds_per_token"], metadata={
+        "help": "sample length limit, seconds of audio per text token (frame_limit)"})
     beta: float = field(default=0.1, metadata={"help": "DPO beta: strength of the pull towards the reference"})
     label_smoothing: float = field(default=0.0, metadata={"help": "conservative DPO epsilon"})
     loss_type: str = field(default="sigmoid", metadata={"help": "sigmoid (DPO) or ipo"})
@@ -680,7 +751,7 @@ def align(a):
     if len(pool) < need:
         raise ValueError(f"{a.train} has {len(pool)} utterances; {a.rounds if a.fresh_utts else 1} x --n_utts "
                          f"{a.n_utts} needs {need}")
-    sampling = dict(temperature=a.temperature, top_k=a.top_k or None, top_p=None, max_ratio=a.max_ratio)
+    sampling = dict(temperature=a.temperature, top_k=a.top_k or None, top_p=None, seconds_per_token=a.seconds_per_token)
     history = []
     for t in range(1, a.rounds + 1):
         folder = os.path.join(a.out, f"round{t}")
@@ -704,31 +775,39 @@ def align(a):
             pairs = load_pt(pairs_path, "pairs", map_location=None)  # the device they were made on
             check_same("pairs", pairs_path, pairs["meta"], meta)
         else:
-            pairs = make_pairs(policy, examples, meta["k"], sampling, a.sample_batch, seed=a.seed * 1000 + t, progress=True)
+            pairs = make_pairs(policy, examples, meta["k"], sampling, a.sample_batch, seed=a.seed * 1000 + t,
+                               progress=True, frame_rate=corpus["codec"]["frame_rate"])
             pairs["meta"] = meta
+        if pairs["stats"]["skipped_too_long"]:
+            print(f"round {t}: {pairs['stats']['skipped_too_long']} of {len(examples)} utterances skipped, longer "
+                  f"than the AR's positions ({policy.cfg.max_text} text, {policy.cfg.max_audio} audio frames)")
+        if not pairs["chosen"]:
+            raise ValueError(f"round {t}: none of the {len(examples)} utterances fits the AR's positions")
         if a.control:
-            idx, ref = list(range(len(examples))), None
+            idx, ref = list(range(len(pairs["chosen"]))), None
         else:
             idx = usable_pairs(pairs)
             if not idx:
                 raise ValueError(f"round {t}: none of the {len(pairs['rejected'])} sampled pairs is usable (every "
-                                 f"sample was empty or equal to its golden codes); nothing for DPO to learn from")
+                                 f"sample equals its golden codes); nothing for DPO to learn from")
             # pi_ref = AR_t, the policy before this round's first step (eval mode, no grad); only its log-probs
-            # are needed, so they are kept and nothing of the model. Before training pi = pi_ref: rewards 0.
+            # are needed, so they are kept and nothing of the model.
             with autocast(a.precision, dev):
                 ref = reference_logps(policy, pairs, idx, a.batch_size, dev, desc="reference log-probs")
             pairs["reference"] = ref | {"idx": torch.tensor(idx)}
-            before = reward_metrics(ref, ref, a.beta)
         save_checkpoint(pairs_path, **pairs)
         t0 = time.time()
         with open(os.path.join(folder, "log.jsonl"), "w") as log:
-            train_round(policy, pairs, idx, ref, replace(a, lr=a.lr * a.lr_decay ** (t - 1)), log)
+            # `before`: the policy as training sees it, before its first step, where pi = pi_ref: rewards near 0
+            # (not exactly: batches padded to other lengths round differently, by up to ~0.2 nats in bf16)
+            before = train_round(policy, pairs, idx, ref, replace(a, lr=a.lr * a.lr_decay ** (t - 1)), log,
+                                 before=not a.control)
         metrics = dict(round=t, control=a.control, pairs=pairs["stats"], usable_pairs=len(idx),
                        train_seconds=round(time.time() - t0, 1), args=asdict(a))
         if not a.control:
             with autocast(a.precision, dev):
                 after = reference_logps(policy, pairs, idx, a.batch_size, dev, desc="rewards after")
-            metrics |= {"before": before, "after": reward_metrics(after, ref, a.beta)}
+            metrics |= {"before": reward_metrics(before, ref, a.beta), "after": reward_metrics(after, ref, a.beta)}
         save_checkpoint(out_ckpt, kind="ar", config=asdict(policy.cfg), step=ckpt["step"], model=policy.state_dict(),
                         tokenizer={"symbols": tok.symbols, "kind": tok.kind}, codec=ckpt["codec"], round=t,
                         args=asdict(a))

@@ -22,7 +22,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from codec import load_corpus, load_pt
-from speechalign import AR, NAR, LMConfig, TextTokenizer, autocast, check_same, lm_loss, make_examples, save_checkpoint
+from speechalign import (AR, NAR, LMConfig, TextTokenizer, autocast, check_same, lm_loss, make_examples,
+                         save_checkpoint, too_long)
 
 
 def get_args(argv=None):
@@ -37,6 +38,10 @@ def get_args(argv=None):
     ap.add_argument("--n_layer", type=int, default=6)
     ap.add_argument("--n_head", type=int, default=4)
     ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--max_text", type=int, default=256, help="text positions: longer texts are skipped")
+    ap.add_argument("--max_audio", type=int, default=1024,
+                    help="audio positions, in frames: utterances whose prompt + target + EOS is longer are skipped "
+                         "(at 75 Hz, a 3 s prompt and a 20 s utterance need 1726)")
     ap.add_argument("--batch_size", type=int, default=16, help="examples per step (over all processes)")
     ap.add_argument("--steps", type=int, default=20000)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -194,7 +199,8 @@ def main(argv=None):
     else:
         tok = TextTokenizer.build(train["phonemes"] if args.text == "phonemes" else train["texts"], args.text)
         cfg = LMConfig(n_text=len(tok.symbols), card=tuple(train["codec"]["card"]), d_model=args.d_model,
-                       n_layer=args.n_layer, n_head=args.n_head, dropout=args.dropout)
+                       n_layer=args.n_layer, n_head=args.n_head, dropout=args.dropout, max_text=args.max_text,
+                       max_audio=args.max_audio)
     torch.manual_seed(args.seed)
     model = (AR if args.model == "ar" else NAR)(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
@@ -208,16 +214,36 @@ def main(argv=None):
         step = ckpt["step"]
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=args.model == "nar") if ddp else model
 
-    cache = {}
+    def fitting(corpus, examples, path):
+        """Indices of the examples that fit the model's positions (speechalign.too_long), judged with the longest
+        prompt make_examples cuts, so that every epoch's fresh prompts keep the same utterances (and the same
+        steps per epoch, which --resume relies on). The others are skipped, and counted here once."""
+        longest = int(args.prompt_seconds * frame_rate)
+        why = {i: w for i, e in enumerate(examples) if (w := too_long(e, cfg.max_text, cfg.max_audio, longest))}
+        if why and master:
+            i = next(iter(why))
+            print(f"{path}: {len(why)} of {len(examples)} utterances skipped, longer than the model's positions "
+                  f"({cfg.max_text} text, {cfg.max_audio} audio frames; e.g. {corpus['ids'][i]}: {why[i]})")
+        return [i for i in range(len(examples)) if i not in why]
+
+    first = make_examples(train, tok, args.prompt_seconds, seed=args.seed * 7919, frame_rate=frame_rate)
+    keep = fitting(train, first, args.train)
+    if len(keep) < args.batch_size:
+        raise SystemExit(f"{args.train}: {len(keep)} utterances fit the model's positions, fewer than --batch_size "
+                         f"{args.batch_size}")
+    cache = dict(epoch=0, ex=[first[i] for i in keep])
 
     def examples_for(step):  # fresh cross-sentence prompts each epoch, cached for the current one
-        epoch = step // (len(train["utts"]) // args.batch_size)
-        if cache.get("epoch") != epoch:
-            cache.update(epoch=epoch, ex=make_examples(train, tok, args.prompt_seconds, seed=args.seed * 7919 + epoch,
-                                                       frame_rate=frame_rate))
+        epoch = step // (len(keep) // args.batch_size)
+        if cache["epoch"] != epoch:
+            ex = make_examples(train, tok, args.prompt_seconds, seed=args.seed * 7919 + epoch, frame_rate=frame_rate)
+            cache.update(epoch=epoch, ex=[ex[i] for i in keep])
         return cache["ex"]
 
-    val_examples = make_examples(val, tok, args.prompt_seconds, seed=12345, frame_rate=frame_rate)[:args.eval_utts]
+    val_examples = make_examples(val, tok, args.prompt_seconds, seed=12345, frame_rate=frame_rate)
+    val_examples = [val_examples[i] for i in fitting(val, val_examples, args.val)][:args.eval_utts]
+    if not val_examples:
+        raise SystemExit(f"{args.val}: no utterance fits the model's positions")
     log_path = args.out + ".log.jsonl"
     if master and ckpt and os.path.exists(log_path):
         trim_log(log_path, step)

@@ -161,7 +161,8 @@ def bench_sampling(args):
     torch.manual_seed(args.seed)
     ours = NoEOS(ar_config(args, args.prompt + args.new)).to(dev).eval()
     hf = gpt2(args, P + args.new).eval()
-    ratio = (args.new - 0.5) / args.text  # AR.generate stops at ceil(ratio * text length) = --new frames
+    # AR.generate stops at ceil(ratio * text length) = --new frames (frame_rate 1: the limit in frames per token)
+    ratio = (args.new - 0.5) / args.text
     rows, ratios = [], {}
     for B in args.batches:
         g = torch.Generator().manual_seed(args.seed + B)
@@ -170,7 +171,8 @@ def bench_sampling(args):
         ids = torch.cat([torch.tensor(texts), torch.cat(prompts)], 1).to(dev)  # GPT-2 reads the same ids, one table
 
         def ours_fn(use_cache):
-            codes, _ = ours.generate(texts, prompts, top_k=args.top_k, max_ratio=ratio, use_cache=use_cache)
+            codes, _ = ours.generate(texts, prompts, top_k=args.top_k, seconds_per_token=ratio, frame_rate=1,
+                                     use_cache=use_cache)
             assert all(len(c) == args.new for c in codes)
 
         def hf_fn():
@@ -265,7 +267,8 @@ def bench_dpo(args):
     length = lambda: int(torch.randint(args.target * 4 // 5, args.target * 6 // 5 + 1, (1,), generator=g))
     ex = random_examples(args, n, length, g)
     pairs = dict(texts=[t for t, _, _ in ex], prompts=[p for _, p, _ in ex], chosen=[c[0] for _, _, c in ex],
-                 rejected=[torch.randint(0, args.card, (length(),), generator=g) for _ in ex], pair_utt=list(range(n)))
+                 rejected=[torch.randint(0, args.card, (length(),), generator=g) for _ in ex], pair_utt=list(range(n)),
+                 hit_limit=torch.zeros(n, dtype=torch.bool))
     idx = list(range(n))
     a = replace(AlignArgs(), steps=1, batch_size=n, warmup=1, precision=args.precision)
     with autocast(args.precision, dev):  # as align() takes it

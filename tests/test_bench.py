@@ -62,7 +62,8 @@ def test_live_reference_gives_the_precomputed_log_probs():
     g = torch.Generator().manual_seed(1)
     seq = lambda n: torch.randint(0, 64, (n,), generator=g)
     pairs = dict(texts=[[1, 2], [3, 4, 5]], prompts=[seq(4).view(1, -1), seq(3).view(1, -1)],
-                 chosen=[seq(6), seq(5)], rejected=[seq(7), seq(2), seq(4)], pair_utt=[0, 1, 1])
+                 chosen=[seq(6), seq(5)], rejected=[seq(7), seq(2), seq(4)], pair_utt=[0, 1, 1],
+                 hit_limit=torch.zeros(3, dtype=torch.bool))
     idx = [2, 0]  # pairs train_round may use; it indexes ref[side] by positions in idx
     pre = reference_logps(ref, pairs, idx)
     live = live_reference(ref, pairs, idx, "cpu")

@@ -7,6 +7,7 @@ Tiny models (d_model 32-64, 1-2 layers) and one thread keep the whole file quick
 """
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -18,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from codec import MelRVQCodec, load_corpus
-from speechalign import (AR, NAR, LMConfig, TextTokenizer, attention_mask, load_model, lm_loss, make_examples,
-                         sequence_logps)
+from speechalign import (AR, NAR, LMConfig, TextTokenizer, attention_mask, frame_limit, load_model, lm_loss,
+                         make_examples, sequence_logps, too_long)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN, VAL = REPO / "data/toy/test_seen.pt", REPO / "data/toy/test_unseen.pt"
@@ -100,7 +101,7 @@ def generation_setup(seed=0):
 
 def test_kv_cache_greedy_matches_no_cache_and_unpadded_forward():
     ar, texts, prompts = generation_setup()
-    kw = dict(temperature=0, max_ratio=1.5, return_logits=True)
+    kw = dict(temperature=0, seconds_per_token=0.03, frame_rate=50, return_logits=True)
     c1, hit1, log1 = ar.generate(texts, prompts, use_cache=True, **kw)
     c0, hit0, log0 = ar.generate(texts, prompts, use_cache=False, **kw)
     assert [c.tolist() for c in c1] == [c.tolist() for c in c0]
@@ -130,12 +131,56 @@ def test_kv_cache_sampling_same_seed_same_tokens():
     out = {}
     for use_cache in (True, False):
         gen = torch.Generator().manual_seed(123)
-        out[use_cache] = ar.generate(texts, prompts, temperature=1.0, top_k=20, top_p=0.95, max_ratio=2.0,
-                                     use_cache=use_cache, generator=gen)
+        out[use_cache] = ar.generate(texts, prompts, temperature=1.0, top_k=20, top_p=0.95, seconds_per_token=0.04,
+                                     use_cache=use_cache, generator=gen, frame_rate=50)
     assert [c.tolist() for c in out[True][0]] == [c.tolist() for c in out[False][0]]
     assert torch.equal(out[True][1], out[False][1])
-    greedy, _ = ar.generate(texts, prompts, temperature=0, max_ratio=2.0)
+    greedy, _ = ar.generate(texts, prompts, temperature=0, seconds_per_token=0.04, frame_rate=50)
     assert [c.tolist() for c in out[True][0]] != [c.tolist() for c in greedy]  # sampling did sample
+
+
+class NoEOS(AR):
+    """An AR that never emits EOS, so that every sample runs to its length limit."""
+
+    def forward(self, *a, **kw):
+        logits = super().forward(*a, **kw)
+        logits[..., self.eos] = -float("inf")
+        return logits
+
+
+def test_frame_limit_is_seconds_per_text_token_at_the_codec_frame_rate():
+    n = list(range(1, 2001))
+    assert [frame_limit(0.16, 50, k) for k in n] == [8 * k for k in n]  # the toy's 8 frames per token, exactly
+    assert [frame_limit(0.16, 75, k) for k in n] == [12 * k for k in n]  # EnCodec: the same duration
+    assert [math.ceil(0.16 * k * 50) for k in n] != [8 * k for k in n]  # a bare ceil of the float product is not
+    assert frame_limit(0.07, 75, 4) == 21  # 0.07 * 75 = 5.250000000000001 in floats: a bare ceil gives 22
+    assert frame_limit(0.03, 50, 3) == 5  # 4.5 frames: a partial frame rounds up
+
+
+def test_sampling_stops_at_the_frame_limit_or_the_audio_positions():
+    torch.manual_seed(0)
+    ar = NoEOS(cfg(max_audio=96)).eval()
+    ex = examples([(3, 5, 1), (7, 80, 1)])
+    texts, prompts = [t for t, _, _ in ex], [p for _, p, _ in ex]
+    # 0.16 s x 3 tokens; 7 tokens capped at 96 - 80 frames, and that sequence, done first, stays inside the
+    # positions while the other one samples on
+    for rate, want in ((50, [24, 16]), (75, [36, 16])):
+        for use_cache in (True, False):
+            codes, hit = ar.generate(texts, prompts, temperature=0, seconds_per_token=0.16, frame_rate=rate,
+                                     use_cache=use_cache)
+            assert [len(c) for c in codes] == want and hit.all()
+    with pytest.raises(ValueError, match="no room"):  # a prompt that fills the positions is the caller's to skip
+        ar.generate(texts, [prompts[0], torch.zeros(1, 96, dtype=torch.long)], frame_rate=50)
+
+
+def test_too_long_is_the_one_rule_for_examples_that_do_not_fit():
+    (ex,) = examples([(8, 6, 9)])
+    assert too_long(ex, max_text=8, max_audio=16) is None  # 6 + 9 + EOS = 16 frames
+    assert too_long(ex, max_text=7, max_audio=16) == "8 text tokens > 7"
+    assert too_long(ex, max_text=8, max_audio=15) == "prompt 6 + target 9 + EOS > 15 audio frames"
+    assert too_long(ex, max_text=8, max_audio=16, prompt_frames=7) is not None  # judged with a longer prompt
+    ar = AR(cfg(max_text=8, max_audio=16)).eval()
+    ar(**ar.batch([ex]))  # what the rule keeps fits the model's positions
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -224,6 +269,25 @@ def test_ar_batch_layout_and_targets():
     ex2 = [([(x % (N_TEXT - 1)) + 1 for x in t[::-1]], (p + 3) % CARD[0], g) for t, p, g in ex]
     b2 = ar.batch(ex2)
     assert torch.equal(b2["targets"], b["targets"])
+
+
+def test_ar_batch_scores_eos_only_where_asked():
+    """A sample cut at the length limit (eos False) is scored on its codes alone; an empty sample that ended
+    with an immediate EOS is scored on that EOS alone."""
+    ar = AR(cfg())
+    sizes = [(3, 4, 5), (2, 3, 6), (4, 2, 0)]
+    ex = examples(sizes)
+    b = ar.batch(ex, eos=[True, False, True])
+    T = max(sum(s) for s in sizes)
+    want = [[-100] * T for _ in sizes]
+    want[0][3 + 4 - 1:3 + 4 + 5] = ex[0][2][0].tolist() + [ar.eos]
+    want[1][2 + 3 - 1:2 + 3 + 6 - 1] = ex[1][2][0].tolist()  # no EOS: the last frame predicts nothing
+    want[2][4 + 2 - 1] = ar.eos  # the last prompt frame predicts EOS
+    assert b["targets"].tolist() == want
+    assert torch.equal(ar.batch(ex)["targets"][0], b["targets"][0])  # the default: every example ends with EOS
+    for k in ("text", "audio", "is_audio", "pos", "valid"):  # the inputs are the same either way
+        assert torch.equal(ar.batch(ex)[k], b[k])
+
 
 
 def test_lm_loss_is_mean_over_scored_positions_by_hand():
@@ -333,7 +397,8 @@ def test_ar_overfits_and_greedy_reproduces_targets():
     ex = examples([(4, 5, 6), (6, 3, 8)], seed=1)
     (loss,) = overfit(ar, [ar.batch(ex)])
     assert loss < 0.05, loss
-    codes, hit = ar.generate([t for t, _, _ in ex], [p for _, p, _ in ex], temperature=0, max_ratio=4)
+    codes, hit = ar.generate([t for t, _, _ in ex], [p for _, p, _ in ex], temperature=0, seconds_per_token=0.08,
+                            frame_rate=50)
     assert [c.tolist() for c in codes] == [g[0].tolist() for _, _, g in ex]
     assert not hit.any()  # it stopped at EOS
 
@@ -593,6 +658,23 @@ def test_ddp_two_processes_gloo_take_the_one_process_step(tmp_path):
         a, b = (torch.load(p.parent / f"ar.step{k}.pt", weights_only=True)["model"] for p in (out, one))
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-5, msg=f"step {k}: {name}")
+
+
+def test_position_limits_are_options_and_utterances_that_do_not_fit_are_skipped(tmp_path):
+    """--max_text and --max_audio size the position tables and are stored in the checkpoint. An utterance whose
+    3 s prompt (150 frames, the longest make_examples cuts) + target + EOS exceeds --max_audio is skipped and
+    counted once; the run trains on the others (given one of them, the model would raise at its first batch)."""
+    utts = load_corpus(TRAIN)["utts"]
+    n = sum(150 + u.shape[1] + 1 > 311 for u in utts)
+    assert 0 < n < len(utts)
+    for model in ("ar", "nar"):
+        out = tmp_path / f"{model}.pt"
+        r = train(out, "--max_text", "80", "--max_audio", "311", model=model, steps=2)
+        assert f"{TRAIN}: {n} of {len(utts)} utterances skipped, longer than the model's positions (80 text, 311 " \
+               "audio frames; e.g." in r.stdout
+        ckpt = torch.load(out, weights_only=True)
+        assert (ckpt["config"]["max_text"], ckpt["config"]["max_audio"]) == (80, 311)
+        assert ckpt["model"]["text_pos.weight"].shape[0] == 80 and ckpt["model"]["audio_pos.weight"].shape[0] == 311
 
 
 def test_snapshots_and_bf16_autocast(tmp_path):

@@ -139,7 +139,7 @@ def evaluated(tiny, tmp_path_factory):
     """Run 1 scores `sft`; run 2 adds the step-5 and step-10 snapshots as a curve in the same run directory,
     judged by two worker processes (--jobs 2) instead of in-process."""
     out = tmp_path_factory.mktemp("eval")
-    common = ["--nar", tiny / "nar.pt", "--out", out, "--n_seen", 4, "--n_unseen", 2, "--max_ratio", 1,
+    common = ["--nar", tiny / "nar.pt", "--out", out, "--n_seen", 4, "--n_unseen", 2, "--seconds_per_token", 0.02,
               "--n_samples", 2, "--n_boot", 500]
     first = run_eval("--ar", f"sft={tiny / 'ar.pt'}", *common)
     assert first.stdout.splitlines()[-1] == f"report: {out / 'report.md'}"
@@ -261,6 +261,41 @@ def test_refuses_a_checkpoint_of_another_codec(tiny, tmp_path):
         main(["--ar", str(bad), *args])
     with pytest.raises(SystemExit, match="unique"):
         main(["--ar", f"golden={tiny / 'ar.pt'}", *args])
+
+
+def with_positions(src, dst, max_audio):
+    """A copy of checkpoint src whose model has only max_audio audio positions (the first rows of its table)."""
+    ckpt = torch.load(src, weights_only=True)
+    ckpt["config"]["max_audio"] = max_audio
+    ckpt["model"]["audio_pos.weight"] = ckpt["model"]["audio_pos.weight"][:max_audio]
+    torch.save(ckpt, dst)
+    return dst
+
+
+def test_refuses_an_ar_whose_positions_differ_from_the_nar(tiny, tmp_path):
+    ar = with_positions(tiny / "ar.pt", tmp_path / "ar.pt", 500)
+    with pytest.raises(SystemExit, match=r"ar.pt: its positions \(256 text, 500 audio\) differ from the NAR's"):
+        main(["--ar", f"x={ar}", "--nar", str(tiny / "nar.pt"), "--out", str(tmp_path / "out"), "--n_seen", "2"])
+
+
+@requires_models
+def test_utterances_longer_than_the_positions_are_skipped_and_listed(tiny, tmp_path):
+    """Test utterances whose prompt + target + EOS exceed the models' audio positions are skipped, counted and
+    listed in the report (the rule of speechalign.too_long); the others are scored."""
+    ar, tok, _ = load_model(tiny / "ar.pt", "ar")
+    ex, _, ids = build_test_set(load_corpus(SEEN), tok, 4)
+    need = [p.shape[1] + g.shape[1] + 1 for _, p, g in ex]
+    limit = sorted(need)[1]  # room for two of the four
+    out = tmp_path / "out"
+    run_eval("--ar", f"sft={with_positions(tiny / 'ar.pt', tmp_path / 'ar.pt', limit)}",
+             "--nar", with_positions(tiny / "nar.pt", tmp_path / "nar.pt", limit), "--out", out, "--n_seen", 4,
+             "--n_unseen", 0, "--seconds_per_token", 0.02, "--n_samples", 1, "--n_boot", 100)
+    r = json.loads((out / "report.json").read_text())
+    skipped = [i for i, n in zip(ids, need) if n > limit]
+    assert [s["id"] for s in r["skipped"]] == skipped and len(skipped) == 2
+    assert all(s["split"] == "seen" and f"> {limit} audio frames" in s["reason"] for s in r["skipped"])
+    assert r["n_seen"] == 2 and [t["id"] for t in r["test"]] == [i for i in ids if i not in skipped]
+    assert f"{len(skipped)} utterances: {skipped[0]} (prompt" in (out / "report.md").read_text()
 
 
 class FakeWhisper:

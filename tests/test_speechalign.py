@@ -7,7 +7,7 @@ import json
 import math
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -94,16 +94,17 @@ def random_pairs(n, k=1, seed=0):
     chosen = [torch.randint(0, CARD[0], (rand(4, 12),), generator=g) for _ in range(n)]
     rejected = [torch.randint(0, CARD[0], (rand(2, 14),), generator=g) for _ in range(n * k)]
     return dict(texts=texts, prompts=prompts, chosen=chosen, rejected=rejected,
-                pair_utt=[i for i in range(n) for _ in range(k)])
+                pair_utt=[i for i in range(n) for _ in range(k)], hit_limit=torch.zeros(n * k, dtype=torch.bool))
 
 
-def logps_alone(model, text, prompt, y):
-    """log p(y, EOS | text, prompt) from a forward of this one unpadded sequence, summed by hand."""
+def logps_alone(model, text, prompt, y, eos=True):
+    """log p(y, EOS | text, prompt) (without EOS if not eos) from a forward of this one unpadded sequence, summed
+    by hand."""
     ex = [(text, prompt, y.view(1, -1))]
     b = model.batch(ex)
     logp = model(**b)[0].double().log_softmax(-1)
     start = len(text) + prompt.shape[1] - 1  # the last prompt position predicts y[0]
-    targets = y.tolist() + [model.eos]
+    targets = y.tolist() + [model.eos] * eos
     return sum(logp[start + t, c].item() for t, c in enumerate(targets))
 
 
@@ -126,6 +127,30 @@ def test_pair_logps_score_target_and_eos_only_and_ignore_padding():
             pr, _ = sa.ar_logps(model, sa.pair_examples(pairs, idx, "rejected"))
         out.append(sa.dpo_loss(pc, pr, ref["chosen"][:len(idx)], ref["rejected"][:len(idx)])[0][0])
     assert out[0].item() == pytest.approx(out[1].item(), abs=1e-5)
+
+
+def test_cut_and_empty_samples_are_scored_on_what_was_sampled():
+    """A rejected sample cut at the length limit is scored on its codes alone (it never emitted EOS); an empty one
+    (an immediate EOS) on that EOS alone; any other with its EOS. Checked against log-softmax summed by hand."""
+    model, pairs = tiny_ar(), random_pairs(3)
+    pairs["hit_limit"][0] = True
+    pairs["rejected"][1] = torch.zeros(0, dtype=torch.long)
+    with torch.no_grad():
+        (chosen, rejected), (n_c, n_r) = sa.pair_logps(model, pairs, [0, 1, 2])
+    r = pairs["rejected"]
+    assert n_r.tolist() == [len(r[0]), 1, len(r[2]) + 1] and n_c.tolist() == [len(c) + 1 for c in pairs["chosen"]]
+    for j in range(3):
+        text, prompt = pairs["texts"][j], pairs["prompts"][j]
+        assert rejected[j].item() == pytest.approx(logps_alone(model, text, prompt, r[j], eos=j != 0), abs=1e-4)
+        assert chosen[j].item() == pytest.approx(logps_alone(model, text, prompt, pairs["chosen"][j]), abs=1e-4)
+    # the empty sample: exactly the log-prob of EOS at the last prompt frame
+    b = model.batch([(pairs["texts"][1], pairs["prompts"][1], torch.zeros(1, 0, dtype=torch.long))])
+    with torch.no_grad():
+        eos = model(**b)[0, -1].double().log_softmax(-1)[model.eos].item()
+    assert rejected[1].item() == pytest.approx(eos, abs=1e-5)
+    # the cut sample's EOS term would have been there before: it is what DPO would have pushed down
+    with_eos = logps_alone(model, pairs["texts"][0], pairs["prompts"][0], r[0])
+    assert abs(rejected[0].item() - with_eos) > 0.1
 
 
 def test_policy_equal_to_reference_gives_log2_zero_rewards_and_a_gradient():
@@ -153,25 +178,62 @@ def test_one_step_raises_chosen_and_lowers_rejected():
     assert (after["rejected"] < ref["rejected"]).all()
 
 
+def test_before_rewards_show_a_policy_that_training_sees_otherwise():
+    """`before` is the policy measured as train_round trains it (its mode, its autocast, its forward) against
+    the reference's log-probs: ~0 when the two agree, and not when dropout is on in training or the policy runs
+    in bf16 against an fp32 reference (what the rewards of the first steps would start from). On this tiny
+    model the largest difference was 0 when they agree, 1.2 nats with dropout and 0.017 from bf16."""
+    pairs = random_pairs(8, k=2)
+    idx = list(range(16))
+    a = sa.AlignArgs(steps=1, batch_size=4, lr=1e-4, warmup=1)
+    ref = sa.reference_logps(tiny_ar(), pairs, idx, a.batch_size)  # eval mode, fp32
+    gap = lambda before: max((before[s] - ref[s]).abs().max().item() for s in ref)
+    assert gap(sa.train_round(tiny_ar(), pairs, idx, ref, a, before=True)) < 1e-4
+    dropout_on = tiny_ar()
+    dropout_on.eval = dropout_on.train  # as if train_round trained with dropout
+    assert gap(sa.train_round(dropout_on, pairs, idx, ref, a, before=True)) > 0.1
+    bf16 = replace(a, precision="bf16")
+    assert gap(sa.train_round(tiny_ar(), pairs, idx, ref, bf16, before=True)) > 3e-3
+    with sa.autocast("bf16", "cpu"):  # a reference taken under the same autocast agrees
+        ref = sa.reference_logps(tiny_ar(), pairs, idx, a.batch_size)
+    assert gap(sa.train_round(tiny_ar(), pairs, idx, ref, bf16, before=True)) < 1e-3
+    assert sa.train_round(tiny_ar(), pairs, idx, ref, a) is None  # not asked: no extra pass
+
+
 def test_a_few_dpo_steps_raise_margin_and_accuracy():
     model, pairs = tiny_ar(), random_pairs(8, k=2)
     idx = sa.usable_pairs(pairs)
     assert idx == list(range(16))
     ref = sa.reference_logps(model, pairs, idx)
     a = sa.AlignArgs(steps=15, batch_size=8, lr=3e-3, warmup=1)
-    before = sa.reward_metrics(sa.reference_logps(model, pairs, idx), ref, a.beta)
+    before = sa.reward_metrics(sa.train_round(model, pairs, idx, ref, a, before=True), ref, a.beta)
     assert before["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
-    sa.train_round(model, pairs, idx, ref, a)
     after = sa.reward_metrics(sa.reference_logps(model, pairs, idx), ref, a.beta)
     assert after["rewards/margins"] > 1.0 and after["rewards/accuracies"] > 0.9
     assert not model.training  # dropout stays off
 
 
-def test_usable_pairs_drops_empty_and_golden_copies():
-    pairs = random_pairs(3)
-    pairs["rejected"][0] = torch.zeros(0, dtype=torch.long)
-    pairs["rejected"][2] = pairs["chosen"][2].clone()
-    assert sa.usable_pairs(pairs) == [1]
+def test_usable_pairs_keep_empty_samples_and_drop_golden_copies():
+    pairs = random_pairs(4)
+    pairs["rejected"][0] = torch.zeros(0, dtype=torch.long)  # an immediate EOS: its EOS is scored
+    pairs["rejected"][2] = pairs["chosen"][2].clone()  # the golden codes and EOS: nothing to learn
+    pairs["rejected"][3] = pairs["chosen"][3].clone()  # the golden codes, cut at the limit: scored without EOS
+    pairs["hit_limit"][3] = True
+    assert sa.usable_pairs(pairs) == [0, 1, 3]
+
+
+def test_make_pairs_skips_examples_that_do_not_fit():
+    model = tiny_ar(max_audio=20)
+    g = torch.Generator().manual_seed(0)
+    ex = [([1] * lt, torch.randint(0, CARD[0], (1, lp), generator=g), torch.randint(0, CARD[0], (1, lg), generator=g))
+          for lt, lp, lg in ((3, 5, 10), (3, 5, 15), (40, 2, 2), (4, 3, 16))]  # 5 + 15 + EOS > 20; 40 > 32
+    pairs = sa.make_pairs(model, ex, k=2, frame_rate=50)
+    assert pairs["stats"]["skipped_too_long"] == 2 and pairs["stats"]["n_utts"] == 2
+    assert [c.tolist() for c in pairs["chosen"]] == [ex[0][2][0].tolist(), ex[3][2][0].tolist()]
+    assert pairs["pair_utt"] == [0, 0, 1, 1] and len(pairs["hit_limit"]) == 4
+    for j, i in enumerate(pairs["pair_utt"]):  # every sample, scored as DPO scores it, fits the positions
+        assert pairs["prompts"][i].shape[1] + len(pairs["rejected"][j]) + (not pairs["hit_limit"][j]) <= 20
+    sa.reference_logps(model, pairs, list(range(4)))
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -192,16 +254,19 @@ def init_ckpt(tmp_path_factory):
 
 def args(init, out, *extra):
     return sa.parse_args(["--init", init, "--train", str(CORPUS), "--out", str(out), "--n_utts", "6", "--k", "2",
-                          "--steps", "4", "--batch_size", "4", "--max_ratio", "1.0", "--lr", "1e-3", "--warmup", "1",
-                          "--threads", "1", *extra])
+                          "--steps", "4", "--batch_size", "4", "--seconds_per_token", "0.02", "--lr", "1e-3",
+                          "--warmup", "1", "--threads", "1", *extra])
 
 
 def independent_logps(ckpt_path, pairs, side):
-    """Log-probs of one side of every usable pair under a checkpoint, one unpadded sequence at a time."""
+    """Log-probs of one side of every usable pair under a checkpoint, one unpadded sequence at a time (a rejected
+    sample cut at the length limit without its EOS)."""
     model = sa.load_model(ckpt_path, "ar")[0]
-    ex = sa.pair_examples(pairs, pairs["reference"]["idx"].tolist(), side)
+    idx = pairs["reference"]["idx"].tolist()
+    ex = sa.pair_examples(pairs, idx, side)
+    eos = [side == "chosen" or not pairs["hit_limit"][j] for j in idx]
     with torch.no_grad():
-        return torch.tensor([logps_alone(model, t, p, y[0]) for t, p, y in ex])
+        return torch.tensor([logps_alone(model, t, p, y[0], e) for (t, p, y), e in zip(ex, eos)])
 
 
 @pytest.fixture(scope="module")
@@ -269,9 +334,13 @@ def test_bad_inputs_are_refused(init_ckpt, tmp_path, monkeypatch):
     sa.save_checkpoint(other, **ck)
     with pytest.raises(ValueError, match="encodec24k-8x1024.*melrvq"):
         sa.align(args(str(other), tmp_path / "a"))
-    # a sampler that only ever emits EOS leaves no usable pair: an error, not a silent no-op
+    # a sampler that only ever gives back the golden codes leaves no usable pair: an error, not a silent no-op
+    corpus = load_corpus(CORPUS)
+    tok = sa.TextTokenizer.build(corpus["phonemes"])
+    golden = {(tuple(t), tuple(p[0].tolist())): g[0] for t, p, g in sa.make_examples(corpus, tok, 3.0, seed=0)}
     monkeypatch.setattr(sa.AR, "generate", lambda self, texts, prompts, **kw: (
-        [torch.zeros(0, dtype=torch.long) for _ in texts], torch.zeros(len(texts), dtype=torch.bool)))
+        [golden[tuple(t), tuple(p[0].tolist())] for t, p in zip(texts, prompts)],
+        torch.zeros(len(texts), dtype=torch.bool)))
     with pytest.raises(ValueError, match="none of the 12 sampled pairs is usable"):
         sa.align(args(init_ckpt, tmp_path / "b"))
 
@@ -279,7 +348,7 @@ def test_bad_inputs_are_refused(init_ckpt, tmp_path, monkeypatch):
 def test_command_line_runs_and_resumes(init_ckpt, tmp_path):
     cmd = [sys.executable, str(REPO / "speechalign.py"), "--init", init_ckpt, "--train", str(CORPUS), "--out",
            str(tmp_path), "--rounds", "1", "--n_utts", "4", "--k", "1", "--steps", "2", "--batch_size", "2",
-           "--max_ratio", "0.5", "--threads", "1"]
+           "--seconds_per_token", "0.01", "--threads", "1"]
     env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -313,4 +382,6 @@ def test_bf16_reference_equals_the_policy_at_the_first_step(init_ckpt, tmp_path)
     sa.align(args(init_ckpt, tmp_path, "--rounds", "1", "--precision", "bf16"))
     first = json.loads(open(tmp_path / "round1/log.jsonl").readline())
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-3) and first["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    before = json.loads((tmp_path / "round1/metrics.json").read_text())["before"]  # every pair, as training sees it
+    assert before["rewards/margins"] == pytest.approx(0.0, abs=1e-3)
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-3) and first["rewards/rejected"] == pytest.approx(0.0, abs=1e-3)
