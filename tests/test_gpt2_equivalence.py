@@ -93,7 +93,7 @@ def test_kv_cache_steps_match_gpt2_past_key_values():
     texts, prompts, _ = zip(*examples([(4, 5, 0), (2, 3, 0), (6, 2, 0)], g))
     with torch.no_grad():
         (codes, hit_limit), ours = layers(
-            lambda: ar.generate(texts, prompts, temperature=0, max_ratio=2.0), ar_layers)
+            lambda: ar.generate(texts, prompts, temperature=0, seconds_per_token=0.04, frame_rate=50), ar_layers)
         P = ours[0].shape[2]  # step 0 reads the left-padded prefixes, each later step one column
         for i, (t, p) in enumerate(zip(texts, prompts)):
             x = embed(ar, ar.batch([(t, p, codes[i].view(1, -1))]))  # [text | prompt | codes], unpadded
