@@ -190,13 +190,23 @@ def autocast(precision, device):
 # Examples and acoustic prompts. An example is (text ids, prompt codes [Q, Lp], target codes [Q, Lg]).
 # The prompt is, as in VALL-E's evaluation, about 3 s of *another* utterance of the same speaker
 # ("cross-sentence"); "continuation" mode instead uses the first seconds of the utterance itself and makes
-# the rest the target.
+# the rest the target. Pretraining may draw each example's prompt length (prompt_seconds_min), as VALL-E
+# trains, so that the AR does not learn one prompt length; evaluation and SpeechAlign use a fixed one.
 
-def make_examples(corpus, tok, prompt_seconds=3.0, mode="cross", seed=0, frame_rate=50):
+def make_examples(corpus, tok, prompt_seconds=3.0, mode="cross", seed=0, frame_rate=50, prompt_seconds_min=None):
+    """The examples of a tokenised corpus, one per utterance, with prompts of prompt_seconds or, given
+    prompt_seconds_min, of a length drawn uniformly (in frames) from [prompt_seconds_min, prompt_seconds] per
+    utterance. The lengths come from their own generator, so the prompt utterances are the fixed-length case's
+    and a fixed length (the default) draws nothing: its examples are those of a run without this option."""
     if mode not in ("cross", "continuation"):
         raise ValueError(f"unknown prompt mode {mode!r}: use 'cross' or 'continuation'")
     rng = random.Random(seed)
     n_prompt = int(prompt_seconds * frame_rate)
+    n_min = n_prompt if prompt_seconds_min is None else int(prompt_seconds_min * frame_rate)
+    if prompt_seconds_min is not None and not 0 < n_min <= n_prompt:
+        raise ValueError(f"prompt lengths: need 0 < prompt_seconds_min <= prompt_seconds (in frames at {frame_rate} "
+                         f"Hz: 0 < {n_min} <= {n_prompt})")
+    lengths = random.Random(f"prompt lengths {seed}")
     by_spk = {}
     for i, spk in enumerate(corpus["speakers"]):
         by_spk.setdefault(spk, []).append(i)
@@ -204,16 +214,17 @@ def make_examples(corpus, tok, prompt_seconds=3.0, mode="cross", seed=0, frame_r
     examples = []
     for i, codes in enumerate(corpus["utts"]):
         text = tok.encode(texts[i], corpus["ids"][i])
+        n = n_prompt if n_min == n_prompt else lengths.randint(n_min, n_prompt)
         if mode == "continuation":
-            if codes.shape[1] <= n_prompt:
+            if codes.shape[1] <= n:
                 continue  # nothing left to continue
-            examples.append((text, codes[:, :n_prompt], codes[:, n_prompt:]))
+            examples.append((text, codes[:, :n], codes[:, n:]))
             continue
         others = [j for j in by_spk[corpus["speakers"][i]] if j != i]
         if not others:
             raise ValueError(f"utterance {corpus['ids'][i]}: its speaker has no other utterance to prompt with")
         j = rng.choice(others)
-        examples.append((text, corpus["utts"][j][:, :n_prompt], codes))
+        examples.append((text, corpus["utts"][j][:, :n], codes))
     return examples
 
 

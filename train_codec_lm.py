@@ -33,7 +33,14 @@ def get_args(argv=None):
     ap.add_argument("--train", default="data/toy_corpus/train.pt", help="tokenised training corpus")
     ap.add_argument("--val", default="data/toy/test_seen.pt", help="tokenised validation corpus")
     ap.add_argument("--text", choices=["phonemes", "letters"], default="phonemes")
-    ap.add_argument("--prompt_seconds", type=float, default=3.0)
+    ap.add_argument("--prompt_seconds", type=float, default=3.0,
+                    help="cross-sentence prompt length (the longest, given --prompt_seconds_min); validation uses it")
+    ap.add_argument("--prompt_seconds_min", type=float, default=None,
+                    help="draw each training example's prompt length uniformly from [this, --prompt_seconds], "
+                         "afresh each epoch (VALL-E-style), so the AR does not learn one prompt length. Default: "
+                         "--prompt_seconds, a fixed length")
+    ap.add_argument("--short_first", action="store_true",
+                    help="curriculum: the first epoch's batches go from the shortest targets to the longest")
     ap.add_argument("--d_model", type=int, default=256)
     ap.add_argument("--n_layer", type=int, default=6)
     ap.add_argument("--n_head", type=int, default=4)
@@ -64,7 +71,13 @@ def get_args(argv=None):
                     help="when the run has reached --steps, also write the shipped form to PATH: the weights in bf16, "
                          "no optimizer (half the size; data/toy/sft_{ar,nar}.pt are made so)")
     ap.add_argument("--stop_after", type=int, default=None, help="exit after this step (for tests)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.prompt_seconds_min is None:
+        args.prompt_seconds_min = args.prompt_seconds  # the checkpoint's args say which lengths were drawn
+    elif not 0 < args.prompt_seconds_min <= args.prompt_seconds:
+        ap.error(f"--prompt_seconds_min {args.prompt_seconds_min:g} must be > 0 and <= --prompt_seconds "
+                 f"{args.prompt_seconds:g}")
+    return args
 
 
 def lr_at(step, args):
@@ -78,19 +91,25 @@ def lr_at(step, args):
 def batch_for_step(model, examples_for, step, args, world, rank, device):
     """The batch of a step is a function of (seed, step) alone, so a resumed run sees the same data.
     Each epoch draws fresh prompts and a fresh order; examples of similar length share a batch (sorted
-    within windows of 50 batches) to waste less compute on padding."""
+    within windows of 50 batches) to waste less compute on padding. With --short_first, epoch 0 is sorted
+    as a whole instead (ties in the random order) and its batches go from the shortest targets to the longest."""
     examples = examples_for(step)
     per_epoch = len(examples) // args.batch_size
     epoch, k = divmod(step, per_epoch)
     g = torch.Generator().manual_seed(args.seed * 100003 + epoch)
     order = torch.randperm(len(examples), generator=g).tolist()
-    window = args.batch_size * 50
-    w0 = (k * args.batch_size) // window * window
+    length = lambda i: examples[i][2].shape[1]
     # the leftover len % batch_size examples of the order are skipped this epoch, never a short batch
-    chunk = sorted(order[w0:min(w0 + window, per_epoch * args.batch_size)], key=lambda i: examples[i][2].shape[1])
-    batches = [chunk[i:i + args.batch_size] for i in range(0, len(chunk), args.batch_size)]
-    perm = torch.randperm(len(batches), generator=g).tolist()  # batch order inside the window
-    idx = batches[perm[k - w0 // args.batch_size]][rank::world]
+    if args.short_first and epoch == 0:
+        chunk = sorted(order[:per_epoch * args.batch_size], key=length)
+        idx = chunk[k * args.batch_size:(k + 1) * args.batch_size][rank::world]
+    else:
+        window = args.batch_size * 50
+        w0 = (k * args.batch_size) // window * window
+        chunk = sorted(order[w0:min(w0 + window, per_epoch * args.batch_size)], key=length)
+        batches = [chunk[i:i + args.batch_size] for i in range(0, len(chunk), args.batch_size)]
+        perm = torch.randperm(len(batches), generator=g).tolist()  # batch order inside the window
+        idx = batches[perm[k - w0 // args.batch_size]][rank::world]
     chosen = [examples[i] for i in idx]
     if args.model == "ar":
         return model.batch(chosen, device=device)
@@ -216,8 +235,9 @@ def main(argv=None):
 
     def fitting(corpus, examples, path):
         """Indices of the examples that fit the model's positions (speechalign.too_long), judged with the longest
-        prompt make_examples cuts, so that every epoch's fresh prompts keep the same utterances (and the same
-        steps per epoch, which --resume relies on). The others are skipped, and counted here once."""
+        prompt make_examples cuts (--prompt_seconds, the top of a drawn range), so that every epoch's fresh
+        prompts keep the same utterances (and the same steps per epoch, which --resume relies on). The others
+        are skipped, and counted here once."""
         longest = int(args.prompt_seconds * frame_rate)
         why = {i: w for i, e in enumerate(examples) if (w := too_long(e, cfg.max_text, cfg.max_audio, longest))}
         if why and master:
@@ -226,17 +246,21 @@ def main(argv=None):
                   f"({cfg.max_text} text, {cfg.max_audio} audio frames; e.g. {corpus['ids'][i]}: {why[i]})")
         return [i for i in range(len(examples)) if i not in why]
 
-    first = make_examples(train, tok, args.prompt_seconds, seed=args.seed * 7919, frame_rate=frame_rate)
+    def epoch_examples(epoch):  # fresh cross-sentence prompts (and prompt lengths) each epoch
+        return make_examples(train, tok, args.prompt_seconds, seed=args.seed * 7919 + epoch, frame_rate=frame_rate,
+                             prompt_seconds_min=args.prompt_seconds_min)
+
+    first = epoch_examples(0)
     keep = fitting(train, first, args.train)
     if len(keep) < args.batch_size:
         raise SystemExit(f"{args.train}: {len(keep)} utterances fit the model's positions, fewer than --batch_size "
                          f"{args.batch_size}")
     cache = dict(epoch=0, ex=[first[i] for i in keep])
 
-    def examples_for(step):  # fresh cross-sentence prompts each epoch, cached for the current one
+    def examples_for(step):  # the epoch's examples, cached for the current one
         epoch = step // (len(keep) // args.batch_size)
         if cache["epoch"] != epoch:
-            ex = make_examples(train, tok, args.prompt_seconds, seed=args.seed * 7919 + epoch, frame_rate=frame_rate)
+            ex = epoch_examples(epoch)
             cache.update(epoch=epoch, ex=[ex[i] for i in keep])
         return cache["ex"]
 

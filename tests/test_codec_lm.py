@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -466,7 +467,7 @@ def test_batch_for_step_full_batches_each_example_once_per_epoch():
     g = torch.Generator().manual_seed(0)
     ex = [([1], torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, int(torch.randint(1, 9, (1,), generator=g))))
           for _ in range(n)]
-    args = argparse.Namespace(seed=0, batch_size=bs, model="ar")
+    args = argparse.Namespace(seed=0, batch_size=bs, model="ar", short_first=False)
     per_epoch = n // bs
     for epoch in range(2):
         seen = []
@@ -477,6 +478,64 @@ def test_batch_for_step_full_batches_each_example_once_per_epoch():
             assert sorted(map(id, shards[0] + shards[1])) == sorted(map(id, chosen))  # DDP: ranks split it
             seen += [id(e) for e in chosen]
         assert len(set(seen)) == len(seen) == per_epoch * bs
+
+
+def test_short_first_sorts_the_first_epoch_only():
+    """--short_first: epoch 0 takes the same examples as without it, each once, in batches whose targets never
+    get shorter (batch k's longest <= batch k+1's shortest, so the batch means are non-decreasing); epoch 1 is
+    the usual one. Without the option epoch 0 is not sorted (the check can fail)."""
+    from train_codec_lm import batch_for_step
+
+    n, bs = 362, 4
+    g = torch.Generator().manual_seed(1)
+    ex = [([1], torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, int(torch.randint(1, 60, (1,), generator=g))))
+          for _ in range(n)]
+    per_epoch = n // bs
+    runs = {}
+    for short_first in (False, True):
+        args = argparse.Namespace(seed=0, batch_size=bs, model="ar", short_first=short_first)
+        runs[short_first] = [batch_for_step(Identity(), lambda s: ex, step, args, 1, 0, "cpu")
+                             for step in range(2 * per_epoch)]
+        shards = [batch_for_step(Identity(), lambda s: ex, 5, args, 2, r, "cpu") for r in range(2)]
+        assert sorted(map(id, shards[0] + shards[1])) == sorted(map(id, runs[short_first][5]))
+    lengths = {k: [[e[2].shape[1] for e in b] for b in v] for k, v in runs.items()}
+    first = lengths[True][:per_epoch]
+    assert all(max(a) <= min(b) for a, b in zip(first, first[1:]))
+    means = [sum(b) / bs for b in first]
+    assert means == sorted(means) and means[0] < means[-1]
+    ids = lambda batches: sorted(id(e) for b in batches for e in b)
+    assert ids(runs[True][:per_epoch]) == ids(runs[False][:per_epoch])  # the same examples, each once
+    assert len(set(ids(runs[True][:per_epoch]))) == per_epoch * bs
+    unsorted = lambda batches: any(sum(a) > sum(b) for a, b in zip(batches, batches[1:]))
+    assert unsorted(lengths[False][:per_epoch]) and unsorted(lengths[True][per_epoch:])
+    assert runs[True][per_epoch:] == runs[False][per_epoch:]  # later epochs as without the option
+
+
+def test_prompt_lengths_are_drawn_from_the_range_reproducibly_and_a_fixed_length_draws_none():
+    """make_examples with prompt_seconds_min: each prompt is the fixed-length prompt cut to a length drawn from
+    [min, max] frames; the lengths span the range, are about uniform, and are the same for the same seed.
+    Without it (or with min = max), the examples are today's: the first prompt_seconds of the utterance that
+    random.Random(seed).choice picks among the speaker's others, computed here by hand."""
+    corpus = load_corpus(TRAIN)
+    tok = TextTokenizer.build(corpus["phonemes"])
+    assert min(u.shape[1] for u in corpus["utts"]) >= 75  # every drawn length fits in every utterance
+    fixed = make_examples(corpus, tok, 1.5, seed=7)
+    rng, spk = random.Random(7), corpus["speakers"]
+    for i, (text, prompt, target) in enumerate(fixed):
+        j = rng.choice([j for j in range(len(spk)) if spk[j] == spk[i] and j != i])
+        assert torch.equal(prompt, corpus["utts"][j][:, :75]) and torch.equal(target, corpus["utts"][i])
+    same = make_examples(corpus, tok, 1.5, seed=7, prompt_seconds_min=1.5)
+    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(fixed, same, strict=True))
+    drawn = make_examples(corpus, tok, 1.5, seed=7, prompt_seconds_min=0.5)
+    lengths = [p.shape[1] for _, p, _ in drawn]
+    for (_, p, g), (_, q, h) in zip(drawn, fixed, strict=True):
+        assert torch.equal(p, q[:, :p.shape[1]]) and torch.equal(g, h)
+    assert 25 <= min(lengths) <= 27 and 73 <= max(lengths) <= 75 and len(set(lengths)) > 40
+    assert abs(sum(lengths) / len(lengths) - 50) < 4  # uniform over 25..75: mean 50, its s.e. 0.8 here
+    assert lengths == [p.shape[1] for _, p, _ in make_examples(corpus, tok, 1.5, seed=7, prompt_seconds_min=0.5)]
+    assert lengths != [p.shape[1] for _, p, _ in make_examples(corpus, tok, 1.5, seed=8, prompt_seconds_min=0.5)]
+    with pytest.raises(ValueError, match="0 < prompt_seconds_min <= prompt_seconds"):
+        make_examples(corpus, tok, 1.5, prompt_seconds_min=2.0)
 
 
 def train_argv(out, *extra, steps=8, model="ar"):
@@ -555,6 +614,48 @@ def test_resume_follows_the_uninterrupted_run(ar_run, tmp_path):
     sa, sb = torch.load(ar_run, weights_only=True), torch.load(out, weights_only=True)
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
+
+
+def test_training_draws_prompt_lengths_and_validates_with_fixed_prompts(tmp_path, monkeypatch):
+    """--prompt_seconds_min reaches the training examples (lengths spanning the range) and the checkpoint's
+    args; validation keeps fixed --prompt_seconds prompts. A run without it stores the fixed length."""
+    import train_codec_lm
+    seen = {}
+
+    def spy(corpus, *a, **kw):
+        ex = make_examples(corpus, *a, **kw)
+        seen.setdefault(corpus["ids"][0], []).append([p.shape[1] for _, p, _ in ex])
+        return ex
+    monkeypatch.setattr(train_codec_lm, "make_examples", spy)
+    out = tmp_path / "ar.pt"
+    train_codec_lm.main(train_argv(out, "--prompt_seconds", "1.5", "--prompt_seconds_min", "0.5", steps=1))
+    (train_lengths,), (val_lengths,) = seen[load_corpus(TRAIN)["ids"][0]], seen[load_corpus(VAL)["ids"][0]]
+    assert min(train_lengths) <= 27 and max(train_lengths) >= 73 and set(val_lengths) == {75}
+    args = torch.load(out, weights_only=True)["args"]
+    assert (args["prompt_seconds"], args["prompt_seconds_min"], args["short_first"]) == (1.5, 0.5, False)
+    with pytest.raises(SystemExit):
+        train_codec_lm.get_args(train_argv(out, "--prompt_seconds_min", "4"))
+
+
+def test_resume_with_drawn_prompts_and_short_first_follows_the_uninterrupted_run(ar_run, tmp_path):
+    """Both options over several epochs (uneven_corpus: 2 steps an epoch, so the prompts are redrawn and the
+    curriculum ends): a run stopped mid-epoch and resumed reaches the uninterrupted run's losses and weights."""
+    data = uneven_corpus(tmp_path / "uneven.pt")
+    extra = ("--train", str(data), "--val", str(data), "--prompt_seconds", "1", "--prompt_seconds_min", "0.2",
+             "--short_first")
+    a, b = tmp_path / "a" / "ar.pt", tmp_path / "b" / "ar.pt"
+    a.parent.mkdir(), b.parent.mkdir()
+    train(a, *extra, steps=6)
+    train(b, *extra, "--stop_after", "3", steps=6)
+    train(b, *extra, "--resume", steps=6)
+    assert [r["step"] for r in read_log(b)] == list(range(1, 7))
+    assert [(r["loss"], r["grad_norm"]) for r in read_log(a)] == [(r["loss"], r["grad_norm"]) for r in read_log(b)]
+    sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert sa["args"]["short_first"] and sa["args"]["prompt_seconds_min"] == 0.2
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    fixed = torch.load(ar_run, weights_only=True)["args"]  # a run without the options stores the defaults
+    assert (fixed["prompt_seconds_min"], fixed["short_first"]) == (3.0, False)
 
 
 def test_resume_refuses_a_missing_checkpoint_or_other_settings(ar_run, tmp_path):
