@@ -161,12 +161,17 @@ def validate(model, val_examples, args, device):
 def load_resume_checkpoint(args):
     """The checkpoint --resume continues from. It must come from a run of this model on the same corpus and
     model shape: the model is rebuilt from the checkpoint's config and tokenizer, so other settings would be
-    silently ignored (or the run would continue on another corpus)."""
+    silently ignored (or the run would continue on another corpus). The settings that decide which examples
+    a step sees (seed, batch size, prompt lengths, --short_first) must match too, or the resumed run would not
+    follow the uninterrupted one. --steps may change (a longer schedule)."""
     if not os.path.exists(args.out):
         raise SystemExit(f"--resume: no checkpoint at {args.out}")
     ckpt = load_pt(args.out, "checkpoint")
-    same = ["model", "train", "text", *(f.name for f in fields(LMConfig) if f.name in vars(args))]
-    check_same("checkpoint", args.out, ckpt["args"], {k: getattr(args, k) for k in same})
+    data_order = ["seed", "batch_size", "prompt_seconds", "prompt_seconds_min", "short_first"]
+    same = ["model", "train", "text", *data_order, *(f.name for f in fields(LMConfig) if f.name in vars(args))]
+    # checkpoints from before --prompt_seconds_min and --short_first drew fixed prompts in random order
+    stored = {"prompt_seconds_min": ckpt["args"].get("prompt_seconds"), "short_first": False} | ckpt["args"]
+    check_same("checkpoint", args.out, stored, {k: getattr(args, k) for k in same})
     return ckpt
 
 

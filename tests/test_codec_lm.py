@@ -659,8 +659,8 @@ def test_resume_with_drawn_prompts_and_short_first_follows_the_uninterrupted_run
 
 
 def test_resume_refuses_a_missing_checkpoint_or_other_settings(ar_run, tmp_path):
-    """--resume rebuilds the model from the checkpoint's config and tokenizer: a run with another model, corpus or
-    shape is refused, naming the file and what differs, before any training."""
+    """--resume rebuilds the model from the checkpoint's config and tokenizer: a run with another model, corpus,
+    shape or data order is refused, naming the file and what differs, before any training."""
     from train_codec_lm import main
     out = tmp_path / "ar.pt"
     with pytest.raises(SystemExit, match=f"--resume: no checkpoint at {re.escape(str(out))}"):
@@ -671,11 +671,21 @@ def test_resume_refuses_a_missing_checkpoint_or_other_settings(ar_run, tmp_path)
                         (["--text", "letters"], "text: file has 'phonemes'"),
                         (["--d_model", "64", "--n_head", "4"], "d_model: file has 32, this run has 64; n_head: file"),
                         (["--n_layer", "2"], "n_layer: file has 1, this run has 2"),
-                        (["--dropout", "0"], "dropout: file has 0.1, this run has 0.0")):
+                        (["--dropout", "0"], "dropout: file has 0.1, this run has 0.0"),
+                        (["--seed", "3"], "seed: file has 0, this run has 3"),
+                        (["--short_first"], "short_first: file has False, this run has True"),
+                        (["--prompt_seconds_min", "1"], "prompt_seconds_min: file has 3.0, this run has 1.0")):
         with pytest.raises(ValueError, match=f"{re.escape(str(out))}: checkpoint made with other settings "
                                              f"\\(.*{re.escape(diff)}"):
             main(train_argv(out, "--resume", *extra))
     assert out.read_bytes() == ar_run.read_bytes()  # nothing was touched
+    # a checkpoint from before --prompt_seconds_min / --short_first (fixed prompts, random order) still resumes
+    ckpt = torch.load(out, weights_only=True)
+    del ckpt["args"]["prompt_seconds_min"], ckpt["args"]["short_first"]
+    torch.save(ckpt, out)
+    main(train_argv(out, "--resume"))
+    with pytest.raises(ValueError, match="short_first: file has False, this run has True"):
+        main(train_argv(out, "--resume", "--short_first"))
 
 
 def test_trim_log_drops_later_steps_and_a_line_cut_short_and_refuses_a_damaged_one(tmp_path):
