@@ -38,7 +38,7 @@ SAMPLE_RATE = 16000
 # misheard ~40% of their words, against 15-22% for these flite voices.)
 VOICES = {
     "awb": ["flite", "-voice", "awb"],
-    "awb_high": ["flite", "-voice", "awb", "--setf", "int_f0_target_mean=150"],
+    "awb_high": ["flite", "-voice", "awb", "--setf", "int_f0_target_mean=170"],  # 150 was too close to awb
     "rms": ["flite", "-voice", "rms"],
     "rms_low": ["flite", "-voice", "rms"],  # lowered by TAPE: flite's rms ignores int_f0_target_mean
     "slt": ["flite", "-voice", "slt"],
