@@ -41,7 +41,8 @@ PRESETS = {
     "smoke": dict(
         align=["--n_utts", "6", "--k", "1", "--steps", "2", "--batch_size", "3", "--warmup", "1", "--sample_batch", "8"],
         eval=["--n_seen", "3", "--n_unseen", "3", "--seconds_per_token", "0.04", "--n_samples", "1", "--n_boot", "200"],
-        corpus=["--train_per_speaker", "30", "--test_per_speaker", "2", "--unseen_per_speaker", "2"],
+        corpus=["--train_per_speaker", "30", "--test_per_speaker", "2", "--unseen_per_speaker", "2",
+                "--dev_per_speaker", "1", "--dev_unseen_per_speaker", "1", "--dev_oog", "6"],
         codec=["--card", "64", "16", "16", "16", "16", "16", "16", "16", "--eval_utts", "4"],
         subset=["--limit", "18"],
         ar=["--d_model", "32", "--n_layer", "1", "--n_head", "2", "--steps", "4", "--warmup", "1", "--batch_size", "4",

@@ -157,24 +157,37 @@ def test_bad_manifest_line_names_file_and_line(tmp_path, codec_path, line, messa
     assert not (tmp_path / "out.pt").exists()  # nothing half-written
 
 
-@pytest.mark.skipif(not (shutil.which("flite") and shutil.which("espeak-ng")),
-                    reason="needs Debian's flite and espeak-ng (apt-get install flite espeak-ng)")
+@pytest.mark.skipif(not (shutil.which("flite") and shutil.which("espeak-ng") and shutil.which("text2wave")),
+                    reason="needs Debian's flite, espeak-ng and festival (apt-get install flite espeak-ng festival "
+                           "festvox-kdlpc16k)")
 def test_toy_corpus_script_end_to_end(tmp_path):
-    """A miniature corpus: every voice speaks, splits are disjoint in text, unseen speakers stay out of train."""
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "data", "make_toy_corpus.py"), "--out", str(tmp_path),
-                          "--train_per_speaker", "1", "--test_per_speaker", "1", "--unseen_per_speaker", "1",
-                          "--workers", "1"], capture_output=True, text=True)
+    """A miniature corpus: every voice speaks, splits are disjoint in text, unseen speakers stay out of train,
+    and a second run resumes: it rewrites the manifests but no WAV."""
+    cmd = [sys.executable, os.path.join(ROOT, "data", "make_toy_corpus.py"), "--out", str(tmp_path),
+           "--train_per_speaker", "1", "--test_per_speaker", "1", "--unseen_per_speaker", "1",
+           "--dev_per_speaker", "1", "--dev_unseen_per_speaker", "1", "--dev_oog", "6", "--workers", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    split = {s: [json.loads(l) for l in open(tmp_path / f"{s}.jsonl")] for s in ["train", "test_seen", "test_unseen"]}
+    names = ["train", "dev_seen", "dev_unseen", "dev_oog", "test_seen", "test_unseen"]
+    split = {s: [json.loads(l) for l in open(tmp_path / f"{s}.jsonl")] for s in names}
     assert len(split["train"]) == 6 and len(split["test_seen"]) == 6 and len(split["test_unseen"]) == 2
+    assert len(split["dev_seen"]) == 6 and len(split["dev_unseen"]) == 2 and len(split["dev_oog"]) == 6
     train_spk = {r["speaker"] for r in split["train"]}
+    assert train_spk == {"awb", "awb_high", "rms", "rms_low", "slt", "slt_high"}
     assert {r["speaker"] for r in split["test_seen"]} == train_spk
-    assert not {r["speaker"] for r in split["test_unseen"]} & train_spk
+    assert {r["speaker"] for r in split["dev_seen"]} == {r["speaker"] for r in split["dev_oog"]} == train_spk
+    unseen = {r["speaker"] for r in split["test_unseen"] + split["dev_unseen"]}
+    assert unseen == {"kal16", "ked"} and {r["speaker"] for r in split["test_unseen"]} == unseen
     texts = {s: {r["text"] for r in rows} for s, rows in split.items()}
     assert not texts["train"] & (texts["test_seen"] | texts["test_unseen"])
+    assert sum(len(t) for t in texts.values()) == len(set().union(*texts.values()))  # all splits disjoint
     for r in sum(split.values(), []):
         assert 5 <= len(r["text"].split()) <= 12
         assert r["phonemes"].count("|") == len(r["text"].split()) - 1  # one phoneme group per word
         assert all(r["phonemes"].split(" "))  # single spaces: no empty phoneme tokens
         info = sf.info(tmp_path / r["audio"])
         assert info.samplerate == 16000 and info.channels == 1 and 0.5 < info.duration < 8
+    wavs = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.wav")}
+    assert len(wavs) == 28
+    assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.wav")} == wavs

@@ -57,7 +57,8 @@ def test_smoke_preset_runs_end_to_end_and_a_rerun_redoes_nothing(tmp_path):
     assert f"earlier runs into {out}: {runs[0]['total'] / 60:.1f} min" in (out / "report.md").read_text()
 
 
-@pytest.mark.skipif(not (shutil.which("flite") and shutil.which("espeak-ng")), reason="needs flite and espeak-ng")
+@pytest.mark.skipif(not (shutil.which("flite") and shutil.which("espeak-ng") and shutil.which("text2wave")),
+                    reason="needs flite, espeak-ng and festival (apt-get install flite espeak-ng festival festvox-kdlpc16k)")
 def test_smoke_preset_from_scratch(tmp_path):
     """Corpus synthesis, codec fit, tokenisation and pretraining, then the same pipeline on what they made."""
     out = tmp_path / "scratch"
