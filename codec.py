@@ -268,6 +268,11 @@ class MelRVQCodec:
 
     def decode(self, codes):
         """Codes [q, T] -> (waveform [ (T-1)*320 ] float32 at 16 kHz, 16000)."""
+        return self.vocode(self.decode_log_mel(codes))
+
+    def vocode(self, log_mel):
+        """Log-mel [n_mels, T] -> (waveform, 16000): inverse mel filterbank, then Griffin-Lim. Applied to an
+        unquantised log-mel it measures the vocoder alone (data/measure_codec.py's "mel" system)."""
         if self._inv is None:
             self._inv = (
                 torchaudio.transforms.InverseMelScale(self.n_fft // 2 + 1, self.n_mels, self.sample_rate),
@@ -275,7 +280,7 @@ class MelRVQCodec:
                                                  hop_length=self.hop, power=1.0, rand_init=False),
             )
         inv_mel, griffin_lim = self._inv
-        spec = inv_mel(self.decode_log_mel(codes).exp())
+        spec = inv_mel(log_mel.exp())
         wav = griffin_lim(spec)
         peak = wav.abs().max()
         return (wav / peak * 0.95 if peak > 1 else wav), self.sample_rate
