@@ -160,8 +160,19 @@ def _nearest(x, cent, chunk=65536):
     return torch.cat(idx), torch.cat(err)
 
 
+def envelope_projection(n_mels, k):
+    """[n_mels, n_mels] projection of a log-mel frame on its first k DCT-II cosines (a smooth envelope without
+    pitch harmonics); None for k = 0. Orthonormal rows, so the projection is symmetric and idempotent."""
+    if not k:
+        return None
+    n = torch.arange(n_mels, dtype=torch.float64)
+    basis = torch.cos(torch.pi / n_mels * (n + 0.5) * n[:k].unsqueeze(1))  # [k, n_mels]
+    basis = basis / basis.norm(dim=1, keepdim=True)
+    return (basis.T @ basis).float()
+
+
 class MelRVQCodec:
-    """The toy codec: 16 kHz log-mel (80 bins, n_fft 1024, hop 320 -> 50 frames/s), residual k-means.
+    """The toy codec: 16 kHz log-mel (n_fft 1024, hop 320 -> 50 frames/s; 80 or 128 bins), residual k-means.
 
     Encoding: frames x_t (log-mel, natural log) are quantised layer by layer. Layer 1 clusters
     x_t - mu_utt, the frame minus its utterance's mean log-mel (cepstral mean normalisation), so layer 1
@@ -169,18 +180,25 @@ class MelRVQCodec:
     codec the paper used). Layers 2..Q cluster what the layers below leave of x_t - m (m: the corpus
     mean), which includes the speaker's spectral colour mu_utt - m: a part the NAR can learn from the
     acoustic prompt. With `cmn=False` layer 1 clusters x_t - m as plain residual k-means does.
+    With `envelope=K`, layer 1 chooses its code by the smooth spectral envelope only -- the frame
+    projected on the first K cosines over mel bins, which removes the pitch harmonics -- so that one
+    vowel said at two pitches gets one code (layer-1 codes are spent on phones, not on pitch); the code's
+    table entry is still the mean full frame of its cluster, and the harmonics are left to layers 2..Q.
     Decoding: m + sum of the centroids of the given layers, inverse mel, Griffin-Lim. Every prefix of
     layers decodes. data/README.md has the measurements behind the default layout.
     """
 
     sample_rate = 16000
     frame_rate = 50
-    n_fft, hop, n_mels = 1024, 320, 80
+    n_fft, hop = 1024, 320
 
-    def __init__(self, centroids, mean, cmn=True, griffin_lim_iters=32):
+    def __init__(self, centroids, mean, cmn=True, envelope=0, griffin_lim_iters=32):
         self.centroids = [c.float() for c in centroids]  # per layer [card_q, n_mels]
         self.mean = mean.float()  # [n_mels]
+        self.n_mels = self.mean.numel()  # 80 or 128 (the bins are the codebooks' width, so files need no field)
         self.cmn = bool(cmn)
+        self.envelope = int(envelope)
+        self.smooth = envelope_projection(self.n_mels, self.envelope)  # [n_mels, n_mels], or None
         self.griffin_lim_iters = griffin_lim_iters
         self.n_q = len(self.centroids)
         self.card = tuple(c.shape[0] for c in self.centroids)
@@ -189,11 +207,13 @@ class MelRVQCodec:
         self._inv = None  # decoder transforms, built on first decode
         digest = torch.cat([c.flatten() for c in self.centroids] + [self.mean]).numpy().tobytes()
         tag = hashlib.sha1(digest).hexdigest()[:8]
-        self.name = f"melrvq16k-{'x'.join(map(str, self.card))}{'-cmn' if self.cmn else ''}-{tag}"
+        mels = "" if self.n_mels == 80 else f"-mel{self.n_mels}"  # 80-bin codecs keep their earlier names
+        env = f"-env{self.envelope}" if self.envelope else ""
+        self.name = f"melrvq16k{mels}-{'x'.join(map(str, self.card))}{'-cmn' if self.cmn else ''}{env}-{tag}"
 
     def params(self):
         return {"n_fft": self.n_fft, "hop": self.hop, "n_mels": self.n_mels, "cmn": self.cmn,
-                "card": list(self.card), "sample_rate": self.sample_rate, "frame_rate": self.frame_rate}
+                "envelope": self.envelope, "card": list(self.card), "sample_rate": self.sample_rate, "frame_rate": self.frame_rate}
 
     # --- features ------------------------------------------------------------------------------------
     def log_mel(self, wav, sr):
@@ -204,9 +224,9 @@ class MelRVQCodec:
     # --- fit -----------------------------------------------------------------------------------------
     @classmethod
     def fit(cls, wavs, card=(1024, 256, 256, 256, 256, 256, 256, 256), cmn=True, seed=0, iters=20,
-            max_frames=400_000, progress=False):
+            max_frames=400_000, n_mels=80, envelope=0, progress=False):
         """Fit the codebooks on an iterable of (wav, sr); deterministic for a seed and input order."""
-        probe = cls([torch.zeros(1, cls.n_mels)], torch.zeros(cls.n_mels), cmn=cmn)
+        probe = cls([torch.zeros(1, n_mels)], torch.zeros(n_mels), cmn=cmn)
         feats = [probe.log_mel(w, sr).T for w, sr in wavs]  # each [T, n_mels]
         if not feats:
             raise ValueError("MelRVQCodec.fit got no audio")
@@ -221,14 +241,19 @@ class MelRVQCodec:
         if progress:
             from tqdm import tqdm
             layers = tqdm(layers, desc="fit layers")
+        smooth = envelope_projection(n_mels, envelope)
         for q in layers:
-            cent = kmeans(y, card[q], iters=iters, seed=seed + q)
-            centroids.append(cent)
-            if q == 0:  # layers 2..Q code what layer 1 leaves of the frame itself, voice included
-                y = (x - mean) - cent[_nearest(y, cent)[0]]
+            if q == 0 and smooth is not None:  # cluster envelopes; each table entry is its cluster's mean frame
+                idx = _nearest(y @ smooth, kmeans(y @ smooth, card[0], iters=iters, seed=seed))[0]
+                counts = torch.bincount(idx, minlength=card[0]).unsqueeze(1)
+                cent = torch.zeros(card[0], n_mels).index_add_(0, idx, y) / counts.clamp(min=1)
             else:
-                y = y - cent[_nearest(y, cent)[0]]
-        return cls(centroids, mean, cmn=cmn)
+                cent = kmeans(y, card[q], iters=iters, seed=seed + q)
+                idx = _nearest(y, cent)[0]
+            centroids.append(cent)
+            # layers 2..Q code what layer 1 leaves of the frame itself, voice included
+            y = ((x - mean) if q == 0 else y) - cent[idx]
+        return cls(centroids, mean, cmn=cmn, envelope=envelope)
 
     # --- encode / decode -----------------------------------------------------------------------------
     def encode(self, wav, sr):
@@ -237,7 +262,10 @@ class MelRVQCodec:
         y = x - (x.mean(0) if self.cmn else self.mean)
         codes = []
         for q, cent in enumerate(self.centroids):
-            idx = _nearest(y, cent)[0]
+            if q == 0 and self.smooth is not None:
+                idx = _nearest(y @ self.smooth, cent @ self.smooth)[0]
+            else:
+                idx = _nearest(y, cent)[0]
             codes.append(idx)
             y = ((x - self.mean) if q == 0 else y) - cent[idx]
         return torch.stack(codes)
@@ -252,6 +280,11 @@ class MelRVQCodec:
 
     def decode(self, codes):
         """Codes [q, T] -> (waveform [ (T-1)*320 ] float32 at 16 kHz, 16000)."""
+        return self.vocode(self.decode_log_mel(codes))
+
+    def vocode(self, log_mel):
+        """Log-mel [n_mels, T] -> (waveform, 16000): inverse mel filterbank, then Griffin-Lim. Applied to an
+        unquantised log-mel it measures the vocoder alone (data/measure_codec.py's "mel" system)."""
         if self._inv is None:
             self._inv = (
                 torchaudio.transforms.InverseMelScale(self.n_fft // 2 + 1, self.n_mels, self.sample_rate),
@@ -259,7 +292,7 @@ class MelRVQCodec:
                                                  hop_length=self.hop, power=1.0, rand_init=False),
             )
         inv_mel, griffin_lim = self._inv
-        spec = inv_mel(self.decode_log_mel(codes).exp())
+        spec = inv_mel(log_mel.exp())
         wav = griffin_lim(spec)
         peak = wav.abs().max()
         return (wav / peak * 0.95 if peak > 1 else wav), self.sample_rate
@@ -267,7 +300,7 @@ class MelRVQCodec:
     # --- save / load ---------------------------------------------------------------------------------
     def save(self, path):
         """Atomic save (temp file, then rename) of everything `load` needs; plain tensors and lists."""
-        state = {"name": self.name, "cmn": self.cmn, "mean": self.mean, "centroids": self.centroids,
+        state = {"name": self.name, "cmn": self.cmn, "envelope": self.envelope, "mean": self.mean, "centroids": self.centroids,
                  "params": self.params()}
         tmp = f"{path}.tmp"
         torch.save(state, tmp)
@@ -278,7 +311,7 @@ class MelRVQCodec:
         if not os.path.exists(path):
             raise FileNotFoundError(f"no toy codec at {path} (fit one with data/fit_toy_codec.py)")
         state = load_pt(path, "toy codec")
-        codec = cls(state["centroids"], state["mean"], cmn=state["cmn"])
+        codec = cls(state["centroids"], state["mean"], cmn=state["cmn"], envelope=state.get("envelope", 0))
         if codec.name != state["name"]:
             raise ValueError(f"{path}: codebooks do not match the stored name {state['name']} (corrupt file?)")
         return codec

@@ -104,6 +104,9 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--card", type=int, nargs="+", default=[1024, 256, 256, 256, 256, 256, 256, 256])
     ap.add_argument("--no-cmn", dest="cmn", action="store_false", help="layer 1 clusters raw frames")
+    ap.add_argument("--n_mels", type=int, default=80, help="mel bins")
+    ap.add_argument("--envelope", type=int, default=0,
+                    help="layer 1 picks codes by the first K mel-cosines only (a pitch-free envelope); 0: off")
     ap.add_argument("--fit_utts", type=int, default=3000, help="training utterances used for k-means")
     ap.add_argument("--eval_manifest", default=None)
     ap.add_argument("--eval_utts", type=int, default=200)
@@ -114,7 +117,7 @@ def main():
 
     train = load_audio(args.train_manifest, args.fit_utts, "read train audio")
     codec = MelRVQCodec.fit([(w, sr) for w, sr, _ in train], card=tuple(args.card), cmn=args.cmn,
-                            seed=args.seed, progress=True)
+                            n_mels=args.n_mels, envelope=args.envelope, seed=args.seed, progress=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     codec.save(args.out)
     print(f"saved {codec.name} to {args.out}")

@@ -1,5 +1,6 @@
 """Measure the toy codec with the offline judges: WER (Whisper tiny.en) and SIM (Resemblyzer) of the
-original test audio and of its resynthesis from 1, 2, 4 and all layers.
+original test audio, of the unquantised log-mel through the codec's vocoder ("mel": what the vocoder alone
+loses) and of its resynthesis from 1, 2, 4 and all layers.
 
     python data/measure_codec.py data/toy_corpus/test_seen.jsonl data/toy/codec.pt --limit 150 --out seen.json
 
@@ -57,7 +58,7 @@ def main():
             emb_cache[row["id"]] = speaker_embedding(enc, *original(row))
         return emb_cache[row["id"]]
 
-    systems = ["original"] + [f"codec_{q}" for q in layers]
+    systems = ["original", "mel"] + [f"codec_{q}" for q in layers]
     hyps = {s: [] for s in systems}
     sims = {s: [] for s in systems}
     sims_self = {s: [] for s in systems[1:]}
@@ -68,7 +69,12 @@ def main():
         codes = codec.encode(wav, sr)
         item = {"id": row["id"], "prompt": prompt["id"]}
         for s in systems:
-            audio = (wav, sr) if s == "original" else codec.decode(codes[: int(s.split("_")[1])])
+            if s == "original":
+                audio = (wav, sr)
+            elif s == "mel":
+                audio = codec.vocode(codec.log_mel(wav, sr))
+            else:
+                audio = codec.decode(codes[: int(s.split("_")[1])])
             hyps[s].append(transcribe(asr, *audio))
             e = emb(row) if s == "original" else speaker_embedding(enc, *audio)
             sims[s].append(cosine(e, emb(prompt)))

@@ -117,3 +117,44 @@ def test_save_load_round_trip(codec, tmp_path):
     assert torch.equal(again.encode(wav, SR), codec.encode(wav, SR))
     with pytest.raises(FileNotFoundError, match="fit_toy_codec"):
         MelRVQCodec.load(tmp_path / "missing.pt")
+
+
+def test_envelope_projection_is_the_dct_lowpass():
+    """The envelope projection equals keeping the first k orthonormal DCT-II coefficients (scipy's DCT, an
+    independent computation), and it is a projection: symmetric and idempotent."""
+    fft = pytest.importorskip("scipy.fft")
+    from codec import envelope_projection
+
+    assert envelope_projection(80, 0) is None
+    P = envelope_projection(80, 24).double()
+    x = torch.randn(5, 80, dtype=torch.float64)
+    c = fft.dct(x.numpy(), type=2, norm="ortho", axis=-1)
+    c[:, 24:] = 0
+    expected = torch.from_numpy(fft.idct(c, type=2, norm="ortho", axis=-1))
+    torch.testing.assert_close(x @ P, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(P, P.T, atol=1e-6, rtol=0)
+    torch.testing.assert_close(P @ P, P, atol=1e-5, rtol=0)
+
+
+def test_envelope_layer1_codes_by_envelope_and_round_trips(tmp_path):
+    """With envelope=K, layer 1's code is the entry whose *envelope* is nearest the frame's envelope (checked by
+    brute force in float64), its table entry is a full frame, and layer 2 codes the full residual. The codec
+    saves and loads with its envelope. (Whether it helps is measured on speech: data/README.md.)"""
+    from codec import envelope_projection
+
+    train = [(voice(1.5, f0, seed), SR) for seed, f0 in enumerate([110, 140, 180, 220, 260, 120, 200, 240])]
+    env = MelRVQCodec.fit(train, card=(32, 16), iters=10, seed=0, envelope=12)
+    wav = voice(2.0, 170, seed=33)
+    x = env.log_mel(wav, SR).T.double()
+    P, c1 = envelope_projection(env.n_mels, 12).double(), env.centroids[0].double()
+    want = (((x - x.mean(0)) @ P).unsqueeze(1) - (c1 @ P).unsqueeze(0)).pow(2).sum(-1).argmin(1)
+    codes = env.encode(wav, SR)
+    assert (codes[0] == want).float().mean() > 0.99
+    residual = (x - env.mean.double()) - c1[codes[0]]
+    want2 = (residual.unsqueeze(1) - env.centroids[1].double().unsqueeze(0)).pow(2).sum(-1).argmin(1)
+    assert (codes[1] == want2).float().mean() > 0.99
+    assert not torch.allclose(c1 @ P, c1, atol=1e-3)  # the table holds full frames, not envelopes
+    env.save(tmp_path / "c.pt")
+    back = MelRVQCodec.load(tmp_path / "c.pt")
+    assert back.envelope == 12 and back.name == env.name and "-env12" in back.name
+    assert torch.equal(back.encode(wav, SR), codes)
