@@ -274,6 +274,8 @@ def main(argv=None):
     if not val_examples:
         raise SystemExit(f"{args.val}: no utterance fits the model's positions")
     log_path = args.out + ".log.jsonl"
+    if master:  # the README's commands write into runs/.../sft/, which a fresh clone does not have
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     if master and ckpt and os.path.exists(log_path):
         trim_log(log_path, step)
     log = open(log_path, "a" if ckpt else "w") if master else None

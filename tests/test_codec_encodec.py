@@ -27,9 +27,8 @@ def noise(seconds, sr=SR, seed=0, channels=None):
     return 0.1 * torch.randn(shape, generator=g)
 
 
-@pytest.fixture(scope="module")
-def model():
-    """EnCodec 24 kHz with random weights and usable codebooks.
+def init_codebooks(m):
+    """Give EnCodec m (built with pretrained=False) usable codebooks, in place; returns m.
 
     Its codebooks are created empty (`inited` = 0, `embed` = zeros), to be filled by k-means on the first
     training batch; left like that every distance ties and every code is 0. That k-means is slow, and on
@@ -37,12 +36,8 @@ def model():
     gets mu + r * (random unit vectors), mu the mean encoder frame (a random encoder's frames share a large
     common part), and layers 2.. get r * (random unit vectors): all entries of a layer lie at one distance
     r from its centre, so the nearest is the one best aligned with the residual and every layer varies.
+    (tests/test_real_rehearsal.py saves such a model as the pretrained weights file.)
     """
-    torch.manual_seed(0)
-    m = EncodecModel.encodec_model_24khz(pretrained=False)
-    for mod in m.modules():  # fold weight norm into plain weights: same outputs, less work per call
-        if hasattr(mod, "weight_g"):
-            torch.nn.utils.remove_weight_norm(mod)
     with torch.no_grad():
         frames = m.encoder(noise(0.5, seed=123).view(1, 1, -1))[0].T  # [T, D]
         mu = frames.mean(0)
@@ -52,7 +47,18 @@ def model():
             dirs = torch.randn_like(cb.embed)
             cb.embed.copy_(r * dirs / dirs.norm(dim=1, keepdim=True) + (mu if q == 0 else 0))
             cb.inited.fill_(1)  # so that nothing re-initialises them
-    return m.eval()
+    return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    """EnCodec 24 kHz with random weights and usable codebooks (init_codebooks)."""
+    torch.manual_seed(0)
+    m = EncodecModel.encodec_model_24khz(pretrained=False)
+    for mod in m.modules():  # fold weight norm into plain weights: same outputs, less work per call
+        if hasattr(mod, "weight_g"):
+            torch.nn.utils.remove_weight_norm(mod)
+    return init_codebooks(m).eval()
 
 
 @pytest.fixture(scope="module")
