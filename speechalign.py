@@ -475,6 +475,7 @@ def synthesise(ar, nar, texts, prompts, codec=None, nar_precision="fp32", **samp
 # Checkpoints: plain dicts of tensors and numbers, written atomically, read with weights_only=True.
 
 def save_checkpoint(path, **state):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # e.g. --export data/new/ar.pt in a fresh clone
     tmp = f"{path}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)

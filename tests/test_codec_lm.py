@@ -825,3 +825,13 @@ def test_export_writes_bf16_weights_that_load(ar_run, tmp_path):
         a, b = full(**full.batch(ex)), small(**small.batch(ex))
     assert not torch.equal(a, b)
     torch.testing.assert_close(a, b, atol=0.05, rtol=0.05)
+
+
+def test_save_checkpoint_makes_its_folder_and_leaves_no_temp_file(tmp_path):
+    """A checkpoint path whose folder does not exist yet (--export into a new folder) is written, atomically."""
+    from speechalign import save_checkpoint
+    path = tmp_path / "new" / "deeper" / "ar.pt"
+    save_checkpoint(str(path), kind="ar", step=3, w=torch.arange(4))
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["step"] == 3 and torch.equal(ckpt["w"], torch.arange(4))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["ar.pt"]
