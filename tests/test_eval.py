@@ -367,7 +367,7 @@ def fakes(monkeypatch, tiny):
 
 def fake_eval(tiny, out, *extra):
     main(["--ar", f"sft={tiny / 'ar.pt'}", "--nar", str(tiny / "nar.pt"), "--out", str(out), "--n_seen", "4",
-          "--n_unseen", "2", "--max_ratio", "1", "--n_boot", "200", *map(str, extra)])
+          "--n_unseen", "2", "--seconds_per_token", "0.02", "--n_boot", "200", *map(str, extra)])
     return json.loads((out / "report.json").read_text())
 
 
