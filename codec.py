@@ -4,6 +4,11 @@ A codec turns a waveform into Q parallel token streams ("layers") at a fixed fra
 
     codes = codec.encode(wav, sr)      # LongTensor [Q, T]; wav is [N] or [C, N] (channels are averaged)
     wav, sr = codec.decode(codes)      # any prefix of layers, codes[:q], decodes
+    wav, sr = codec.decode(codes[:1], upper=u)  # layer 1 + a float [T, D] in the space of the layers' vectors
+    tables = codec.tables()            # per layer its float table [card_q, D]: what each code decodes to
+
+`upper` lets a decoder take what the layers' tables are summed into from elsewhere than codes: the NAR's expected
+upper-layer vectors, sum_j sum_c p_j(c) * tables[j][c] (speechalign.NAR.generate).
 
 Attributes: `name` (written into every tokenised file so that codes from two codecs are never mixed),
 `n_q` (layers), `card` (codebook size of each layer, a tuple of n_q ints), `frame_rate` (frames per
@@ -106,11 +111,32 @@ class EncodecCodec:
         frames = self.model.encode(wavs.unsqueeze(1).to(self.device))
         return torch.cat([codes for codes, _ in frames], dim=-1).long().cpu()
 
+    def tables(self):
+        """Each layer's codebook [1024, 128] in EnCodec's latent space (what the decoder reads)."""
+        return [layer.project_out(layer._codebook.embed).detach().cpu()
+                for layer in self.model.quantizer.vq.layers[:self.n_q]]
+
     @torch.no_grad()
-    def decode(self, codes):
+    def decode(self, codes, upper=None):
+        """Codes [q, T] -> (waveform, 24000); `upper` [T, 128] is added to the sum of their codebook vectors."""
         codes = _check_codes(codes, self.card)
-        wav = self.model.decode([(codes.unsqueeze(0).to(self.device), None)])
+        if upper is None:
+            wav = self.model.decode([(codes.unsqueeze(0).to(self.device), None)])
+        else:  # EncodecModel._decode_frame with the latent changed (the 24 kHz model has no segments or scale)
+            latent = self.model.quantizer.decode(codes.unsqueeze(1).to(self.device))  # [1, 128, T]
+            latent = latent + _check_upper(upper, codes.shape[1], latent.shape[1]).T.to(latent)
+            wav = self.model.decoder(latent)
         return wav[0, 0].cpu(), self.sample_rate
+
+
+def _check_upper(upper, frames, dim):
+    upper = torch.as_tensor(upper)
+    if not torch.is_floating_point(upper) or upper.shape != (frames, dim):
+        raise ValueError(f"upper must be a float [T, D] = [{frames}, {dim}] tensor (the codes' frames, the tables' "
+                         f"width), got {upper.dtype} {tuple(upper.shape)}")
+    if not torch.isfinite(upper).all():
+        raise ValueError("upper contains NaN or infinite values")
+    return upper.float()
 
 
 def _check_codes(codes, card):
@@ -270,17 +296,23 @@ class MelRVQCodec:
             y = ((x - self.mean) if q == 0 else y) - cent[idx]
         return torch.stack(codes)
 
-    def decode_log_mel(self, codes):
-        """Codes [q, T] (any prefix of layers) -> log-mel [n_mels, T]."""
+    def tables(self):
+        """Each layer's centroids [card_q, n_mels]: log-mel offsets, summed around `mean`."""
+        return self.centroids
+
+    def decode_log_mel(self, codes, upper=None):
+        """Codes [q, T] (any prefix of layers) -> log-mel [n_mels, T]; `upper` [T, n_mels] is added."""
         codes = _check_codes(codes, self.card)
         y = self.mean.unsqueeze(0).expand(codes.shape[1], -1)
         for q in range(codes.shape[0]):
             y = y + self.centroids[q][codes[q]]
+        if upper is not None:
+            y = y + _check_upper(upper, codes.shape[1], self.n_mels)
         return y.T
 
-    def decode(self, codes):
-        """Codes [q, T] -> (waveform [ (T-1)*320 ] float32 at 16 kHz, 16000)."""
-        return self.vocode(self.decode_log_mel(codes))
+    def decode(self, codes, upper=None):
+        """Codes [q, T] (and `upper`, as decode_log_mel) -> (waveform [ (T-1)*320 ] float32 at 16 kHz, 16000)."""
+        return self.vocode(self.decode_log_mel(codes, upper))
 
     def vocode(self, log_mel):
         """Log-mel [n_mels, T] -> (waveform, 16000): inverse mel filterbank, then Griffin-Lim. Applied to an

@@ -248,30 +248,32 @@ def test_set(corpus, tok, n=None, prompt_seconds=3.0, seed=0):
 
 @torch.no_grad()
 def generate(ar, nar, examples, golden_layer1=False, batch_size=32, seed=0, sampling=None, progress=None,
-             nar_precision="fp32", frame_rate=None):
+             nar_precision="fp32", frame_rate=None, expected=None):
     """Codes [Q, T] for each example: layer 1 sampled by the AR (or the golden one), layers 2..Q by the NAR.
-    frame_rate: the codec's, for the AR's length limit (speechalign.frame_limit).
+    frame_rate: the codec's, for the AR's length limit (speechalign.frame_limit). expected: the codec's tables,
+    for the NAR's expected upper layers [T, D] per example (speechalign.NAR.generate); else they are None.
 
     Batches of similar text length share the KV-cache sampler; each batch has its own seeded generator, so
     the result depends on the seed, the test list and the batch size only (and on the device: a GPU draws
-    other numbers). Returns (codes list, hit_limit list of bool)."""
+    other numbers). Returns (codes list, hit_limit list of bool, uppers list)."""
     sampling = SAMPLING if sampling is None else sampling
     order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
-    codes, hit = [None] * len(examples), [False] * len(examples)
+    codes, hit, uppers = [None] * len(examples), [False] * len(examples), [None] * len(examples)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for k, idx in enumerate(batches if progress is None else progress(batches)):
         texts, prompts = [examples[i][0] for i in idx], [examples[i][1] for i in idx]
         if golden_layer1:
-            out = nar.generate(texts, prompts, [examples[i][2][0] for i in idx], nar_precision)
+            out = nar.generate(texts, prompts, [examples[i][2][0] for i in idx], nar_precision, expected)
             lim = [False] * len(idx)
         else:
             g = torch.Generator(device=ar.head.weight.device).manual_seed(seed * 1_000_003 + k)
-            out, lim = synthesise(ar, nar, texts, prompts, generator=g, nar_precision=nar_precision,
-                                  frame_rate=frame_rate, **sampling)
-            lim = lim.tolist()
-        for i, c, h in zip(idx, out, lim):
-            codes[i], hit[i] = c, bool(h)
-    return codes, hit
+            out, lim, *up = synthesise(ar, nar, texts, prompts, generator=g, nar_precision=nar_precision,
+                                       expected=expected, frame_rate=frame_rate, **sampling)
+            out, lim = (out, *up) if up else out, lim.tolist()
+        out, up = (out, [None] * len(idx)) if expected is None else out  # with expected: (codes, uppers)
+        for i, c, u, h in zip(idx, out, up, lim):
+            codes[i], uppers[i], hit[i] = c, u, bool(h)
+    return codes, hit, uppers
 
 
 # The judges: decode a code matrix, transcribe it, embed its speaker. About 0.5 s per utterance on one core,
@@ -288,13 +290,20 @@ def _load_judges(codec, asr_name, worker=False):
                    enc=load_speaker_encoder())
 
 
+def decode(codec, codes, upper=None):
+    """Audio of codes [Q, T]: all layers, or (--nar_decoding expected) layer 1 + the NAR's expected upper layers."""
+    codes = torch.as_tensor(codes)
+    return codec.decode(codes) if upper is None else codec.decode(codes[:1], upper=torch.as_tensor(upper).float())
+
+
 def _judge_one(job):
-    """(codes, transcribe?) -> (transcript, speaker embedding, {stage: reason} for each stage that failed).
+    """(codes, upper or None, transcribe?) -> (transcript, speaker embedding, {stage: reason} for each stage that
+    failed).
 
     An utterance the judges cannot score must not abort the whole system: a one-frame output (an immediate EOS)
     that Griffin-Lim cannot invert, audio with NaNs, nothing left after Resemblyzer's silence trimming. A failed
     stage ("decode", "asr" or "speaker") leaves its result None (a failed decode both) and says why."""
-    codes, want_text = job
+    codes, upper, want_text = job
     failed = {}
 
     def attempt(stage, f):
@@ -303,7 +312,7 @@ def _judge_one(job):
         except Exception as e:  # whatever the judge raised, it is this utterance's: recorded, not fatal
             failed[stage] = f"{type(e).__name__}: {e}"
 
-    audio = attempt("decode", lambda: _judges["codec"].decode(codes))
+    audio = attempt("decode", lambda: decode(_judges["codec"], codes, upper))
     if audio is None:
         return None, None, failed
     hyp = attempt("asr", lambda: transcribe(_judges["asr"], *audio)) if want_text else None
@@ -318,7 +327,7 @@ class Judges:
     def __init__(self, codec, asr_name=None, jobs=1):
         self.args, self.jobs, self.pool, self.ready = (codec, asr_name), jobs, None, False
 
-    def map(self, codes, want_text, desc=None):
+    def map(self, codes, want_text, desc=None, uppers=None):
         if not self.ready:
             if self.jobs > 1:
                 import multiprocessing as mp
@@ -326,7 +335,7 @@ class Judges:
             else:
                 _load_judges(*self.args)
             self.ready = True
-        jobs = [(c, want_text) for c in codes]
+        jobs = [(c, u, want_text) for c, u in zip(codes, uppers or [None] * len(codes))]
         it = map(_judge_one, jobs) if self.pool is None else self.pool.imap(_judge_one, jobs, chunksize=4)
         return list(tqdm(it, total=len(jobs), desc=desc, disable=desc is None))
 
@@ -336,12 +345,12 @@ class Judges:
             self.pool.join()
 
 
-def judge(judges, codes, want_text=True, desc=None):
-    """Decode each [Q, T] code matrix, transcribe it (if want_text) and embed its speaker: what is expensive, and
-    all the cache keeps (errors and SIM are computed from it at report time, so a new text normaliser re-scores
-    without re-transcribing). Returns per-utterance `hyps` and `embs` (lists; None where a judge failed) and
-    `failures`, [{utt, stage, reason}] in utterance order."""
-    out = judges.map(codes, want_text, desc)
+def judge(judges, codes, want_text=True, desc=None, uppers=None):
+    """Decode each [Q, T] code matrix (with its upper part if `uppers`: see `decode`), transcribe it (if want_text)
+    and embed its speaker: what is expensive, and all the cache keeps (errors and SIM are computed from it at
+    report time, so a new text normaliser re-scores without re-transcribing). Returns per-utterance `hyps` and
+    `embs` (lists; None where a judge failed) and `failures`, [{utt, stage, reason}] in utterance order."""
+    out = judges.map(codes, want_text, desc, uppers)
     failures = [dict(utt=i, stage=st, reason=why) for i, (_, _, f) in enumerate(out) for st, why in f.items()]
     if failures:
         print(f"{desc or 'judge'}: {len({f['utt'] for f in failures})} of {len(out)} utterances not fully judged "
@@ -666,7 +675,9 @@ def markdown(r):
              "- `golden`: codec resynthesis of all golden layers (upper bound); `golden_l1`: golden layer 1 alone; "
              "`golden_l1_nar`: golden layer 1 + the NAR; `chance`: golden transcripts scored against other "
              "utterances' sentences.",
-             f"- Codec: {r['codec']}. NAR: {r['nar']}. AR sampling (KV cache): {r['sampling']}.",
+             f"- Codec: {r['codec']}. NAR: {r['nar']}, its upper layers decoded from its {r['nar_decoding']} "
+             f"{'codes' if r['nar_decoding'] == 'argmax' else 'codebook vectors'}. AR sampling (KV cache): "
+             f"{r['sampling']}.",
              f"- Intervals: 95% percentile bootstrap over utterances, {r['n_boot']} resamples, paired across systems.",
              "", "## Distribution gap: the NAR fed golden vs the AR's synthetic layer 1", "",
              "| system | WER golden L1 → AR's L1 | SIM golden L1 → AR's L1 | golden-vs-synthetic classifier acc "
@@ -715,6 +726,10 @@ def get_args(argv=None):
     ap.add_argument("--nar_precision", choices=("fp32", "bf16"), default="fp32",
                     help="the NAR's passes under bf16 autocast (2x faster on a CPU with AVX512-BF16; the AR "
                          "samples in fp32 either way)")
+    ap.add_argument("--nar_decoding", choices=("argmax", "expected"), default="argmax",
+                    help="decode the NAR's layers 2..Q from its argmax codes, or as the expected codebook vectors "
+                         "(sum_c p(c) * entry c, per layer) on top of layer 1 (speechalign.NAR.generate says why); "
+                         "for golden_l1_nar and every AR")
     ap.add_argument("--n_samples", type=int, default=3, help="WAV samples per system")
     ap.add_argument("--n_boot", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0, help="seeds prompts, sampling, bootstrap and classifier folds")
@@ -807,19 +822,30 @@ def main(argv=None):
     prompts = cached(args.out, base | {"what": "prompts"}, lambda: judge(
         judges, [prompt for _, prompt, _ in examples], False, "prompts: embed"))
 
-    def score(name, codes):
-        return judge(judges, codes, True, f"{name}: judge") | {"samples": [c.tolist() for c in codes[:args.n_samples]]}
+    def score(name, codes, uppers=None):
+        out = judge(judges, codes, True, f"{name}: judge", uppers)
+        if uppers is not None:  # 4 decimals: about float16's precision, and a smaller cache file
+            out["samples_upper"] = [[[round(x, 4) for x in row] for row in u.tolist()]
+                                    for u in uppers[:args.n_samples]]
+        return out | {"samples": [c.tolist() for c in codes[:args.n_samples]]}
+
+    tables = codec.tables() if args.nar_decoding == "expected" else None
 
     def run(name, ar, golden_layer1=False, frame_rate=None):
-        codes, hit = generate(ar, nar, examples, golden_layer1, args.batch_size, args.seed, sampling,
-                              lambda items: tqdm(items, desc=f"{name}: generate"), args.nar_precision, frame_rate)
-        out = score(name, codes) | {"hit_limit": hit}
+        codes, hit, uppers = generate(ar, nar, examples, golden_layer1, args.batch_size, args.seed, sampling,
+                                      lambda items: tqdm(items, desc=f"{name}: generate"), args.nar_precision,
+                                      frame_rate, tables)
+        # float16 (rounding ~1e-3 of each value) halves what is pickled to the judges' workers
+        uppers = None if tables is None else [u.half() for u in uppers]
+        out = score(name, codes, uppers) | {"hit_limit": hit}
         if ar is not None:
             out |= {"layer1": [c[0].tolist() for c in codes], "golden_nll": golden_nll(ar, examples, args.batch_size)}
         return out
 
     golden_codes = [g for _, _, g in examples]
     nar_key = file_key(args.nar, step=nar_ckpt.get("step"), precision=args.nar_precision)
+    if tables is not None:  # argmax runs keep the keys they had before the option existed (and their caches)
+        nar_key["decoding"] = args.nar_decoding
     results = {}
     if not args.score_only:
         results["golden"] = cached(args.out, base | shown | {"what": "golden"}, lambda: score(
@@ -851,7 +877,8 @@ def main(argv=None):
         normalization=NORMALIZATION, wer_kind="corpus-level (total errors / total reference words)",
         sim_kind="cosine of Resemblyzer embeddings of the generated speech and of its prompt decoded by the codec "
                  "(`sim`), and of the golden resynthesis of the same utterance (`sim_to_golden`)",
-        codec=codec.name, nar=f"{args.nar} ({args.nar_precision})", sampling=sampling, seed=args.seed,
+        codec=codec.name, nar=f"{args.nar} ({args.nar_precision})", nar_decoding=args.nar_decoding,
+        sampling=sampling, seed=args.seed,
         prompt_seconds=args.prompt_seconds,
         n_seen=splits.count("seen"), n_unseen=splits.count("unseen"), n_boot=args.n_boot, skipped=skipped,
         prompt_unscored=[dict(id=ids[f["utt"]], stage=f["stage"], reason=f["reason"]) for f in prompts["failures"]],
@@ -874,9 +901,10 @@ def main(argv=None):
     prompt_samples = [p.tolist() for _, p, _ in examples[:args.n_samples]]
     for name, res in {"prompt": prompts | {"samples": prompt_samples}, **results}.items():
         undecodable = {f["utt"] for f in res["failures"] if f["stage"] == "decode"}  # listed in the report
-        for k, codes in enumerate(res["samples"]):
+        uppers = res.get("samples_upper", [None] * len(res["samples"]))
+        for k, (codes, upper) in enumerate(zip(res["samples"], uppers)):
             if k not in undecodable:
-                write_wav(os.path.join(args.out, "samples", name, f"{safe[k]}.wav"), *codec.decode(torch.tensor(codes)))
+                write_wav(os.path.join(args.out, "samples", name, f"{safe[k]}.wav"), *decode(codec, codes, upper))
     md, table = markdown(report)
     write_text(os.path.join(args.out, "report.md"), md)
     print("\n".join(table))

@@ -441,34 +441,61 @@ class NAR(CodecLM):
         return self.heads[j - 1](self.trunk(x, attention_mask(valid, causal=False)))
 
     @torch.no_grad()
-    def generate(self, texts, prompts, layer1, precision="fp32"):
+    def generate(self, texts, prompts, layer1, precision="fp32", expected=None):
         """Greedy layers 2..Q for each (text, prompt [Q, Lp], layer-1 codes [T]) -> list of codes [Q, T].
         Each layer is one full pass over the batch, bound by its matmuls: bf16 halved their time on a CPU with
-        AVX512-BF16 (the toy NAR trained under bf16 autocast too)."""
+        AVX512-BF16 (the toy NAR trained under bf16 autocast too).
+
+        expected: the codec's tables (codec.tables(): [card_j, D] per layer) to also return, per example, the
+        expected upper layers sum_{j>=2} sum_c p_j(c) tables_j[c], float [T, D], for codec.decode(codes[:1],
+        upper=...); the passes still feed each layer's argmax codes to the next. Why: where the NAR is unsure
+        (toy upper-layer losses near their unigram entropy) its argmax is a guess; the mean of what it
+        considers likely lost less. Shipped toy models, 40 test utterances, golden layer 1 + NAR: WER 0.85
+        argmax, 0.78 expected; on a newer codec the log-mel distance went 0.655 -> 0.557 (layer 1 alone 0.653).
+        Returns (codes, uppers) then."""
         dev = self.layer_emb.weight.device
+        Q = len(self.cfg.card)
+        if expected is not None and [t.shape[0] for t in expected] != list(self.cfg.card):
+            raise ValueError(f"expected: the codec's tables have {[t.shape[0] for t in expected]} entries per layer, "
+                             f"the NAR predicts {list(self.cfg.card)}")
         codes = [c.view(1, -1).to(dev) for c in layer1]
-        for j in range(1, len(self.cfg.card)):
+        if expected is not None:
+            uppers = [torch.zeros(c.shape[1], expected[0].shape[1], device=dev) for c in codes]
+        for j in range(1, Q):
             b = self.batch([(t, p, c) for t, p, c in zip(texts, prompts, codes)], j, device=dev)
             with autocast(precision, dev):
-                pred = self(**b).argmax(-1)
-            codes = [torch.cat([c, pred[i, len(t) + p.shape[1]:len(t) + p.shape[1] + c.shape[1]].unsqueeze(0)])
-                     for i, (t, p, c) in enumerate(zip(texts, prompts, codes))]
-        return [c.cpu() for c in codes]
+                logits = self(**b)
+            pred = logits.argmax(-1)
+            starts = [len(t) + p.shape[1] for t, p in zip(texts, prompts)]
+            if expected is not None:
+                table = expected[j].to(dev, torch.float32)
+                uppers = [u + logits[i, s:s + c.shape[1]].float().softmax(-1) @ table
+                          for i, (u, s, c) in enumerate(zip(uppers, starts, codes))]
+            codes = [torch.cat([c, pred[i, s:s + c.shape[1]].unsqueeze(0)])
+                     for i, (s, c) in enumerate(zip(starts, codes))]
+        codes = [c.cpu() for c in codes]
+        return codes if expected is None else (codes, [u.cpu() for u in uppers])
 
 
 # -----------------------------------------------------------------------------------------------------------
 # From (text, prompt) to a waveform: AR samples layer 1, NAR fills in 2..Q, the codec decodes.
 
 @torch.no_grad()
-def synthesise(ar, nar, texts, prompts, codec=None, nar_precision="fp32", **sampling):
-    """Returns (codes [Q, T_i] per example, hit_limit [B]) and, if a codec is given, the waveforms too. The AR
-    samples in fp32: its one-token steps are too small to gain from bf16 (they were slower under autocast)."""
+def synthesise(ar, nar, texts, prompts, codec=None, nar_precision="fp32", expected=None, **sampling):
+    """Returns (codes [Q, T_i] per example, hit_limit [B]), then with `expected` (the codec's tables, see
+    NAR.generate) the expected upper layers [T_i, D], then if a codec is given the waveforms (decoded from
+    layer 1 + those with `expected`). The AR samples in fp32: its one-token steps are too small to gain from
+    bf16 (they were slower under autocast)."""
     layer1, hit_limit = ar.generate(texts, prompts, **sampling)
     layer1 = [c if len(c) else torch.zeros(1, dtype=torch.long) for c in layer1]  # an immediate EOS: 1 frame
-    codes = nar.generate(texts, prompts, layer1, nar_precision)
-    if codec is None:
-        return codes, hit_limit
-    return codes, hit_limit, [codec.decode(c)[0] for c in codes]
+    if expected is None:
+        codes, uppers = nar.generate(texts, prompts, layer1, nar_precision), [None] * len(layer1)
+    else:
+        codes, uppers = nar.generate(texts, prompts, layer1, nar_precision, expected)
+    out = () if expected is None else (uppers,)
+    if codec is not None:
+        out += ([codec.decode(c if u is None else c[:1], upper=u)[0] for c, u in zip(codes, uppers)],)
+    return codes, hit_limit, *out
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from codec import MelRVQCodec, load_corpus
 from speechalign import (AR, NAR, LMConfig, TextTokenizer, attention_mask, frame_limit, load_model, lm_loss,
-                         make_examples, sequence_logps, too_long)
+                         make_examples, sequence_logps, synthesise, too_long)
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN, VAL = REPO / "data/toy/test_seen.pt", REPO / "data/toy/test_unseen.pt"
@@ -423,6 +423,55 @@ def test_nar_overfits_and_greedy_reproduces_targets():
 
 # -----------------------------------------------------------------------------------------------------------
 # 7. TextTokenizer
+
+def test_nar_expected_upper_layers_are_the_probability_weighted_tables():
+    """NAR.generate(expected=tables): the codes are those of plain generate (each pass reads the argmax codes of
+    the layers below), and the upper part is sum_{j>=2} softmax(logits_j) @ tables_j, recomputed here pass by
+    pass in float64 on one example at a time (no batch padding) - not what decoding the argmax codes gives."""
+    torch.manual_seed(0)
+    nar = NAR(cfg(dropout=0.0)).eval()
+    ex = examples([(4, 5, 6), (6, 3, 9)], seed=2)
+    texts, prompts, layer1 = [t for t, _, _ in ex], [p for _, p, _ in ex], [g[0] for _, _, g in ex]
+    tables = [torch.randn(n, 5) for n in CARD]
+    plain = nar.generate(texts, prompts, layer1)
+    codes, uppers = nar.generate(texts, prompts, layer1, expected=tables)
+    assert all(torch.equal(a, b) for a, b in zip(codes, plain))
+    for (t, p, _), c, u in zip(ex, codes, uppers):
+        want, argmax = torch.zeros(c.shape[1], 5, dtype=torch.float64), torch.zeros(c.shape[1], 5, dtype=torch.float64)
+        for j in range(1, len(CARD)):
+            with torch.no_grad():
+                logits = nar(**nar.batch([(t, p, c[:j])], j))[0, len(t) + p.shape[1]:].double()
+            want += logits.softmax(-1) @ tables[j].double()
+            argmax += tables[j].double()[c[j]]
+        assert u.shape == (c.shape[1], 5) and u.dtype == torch.float32
+        torch.testing.assert_close(u.double(), want, atol=1e-5, rtol=0)
+        assert (u.double() - argmax).abs().max() > 0.1
+    with pytest.raises(ValueError, match=r"tables have \[40, 16, 16\] entries"):
+        nar.generate(texts, prompts, layer1, expected=tables[:3])
+
+
+def test_synthesise_passes_the_expected_upper_layers_to_the_codec():
+    """synthesise(expected=tables) returns the NAR's upper part for the AR's layer 1, and the codec decodes
+    layer 1 + that part; without `expected` it returns and decodes what it always did."""
+    torch.manual_seed(0)
+    ar, nar = AR(cfg()).eval(), NAR(cfg()).eval()
+    ex = examples([(4, 5, 6), (6, 3, 9)], seed=3)
+    texts, prompts = [t for t, _, _ in ex], [p for _, p, _ in ex]
+    tables = [torch.randn(n, 5) for n in CARD]
+
+    class Codec:
+        def decode(self, codes, upper=None):
+            return (codes, upper), 16000
+
+    sampling = dict(temperature=0, seconds_per_token=0.08, frame_rate=50)
+    codes, hit, wavs = synthesise(ar, nar, texts, prompts, Codec(), **sampling)
+    assert [w for w, _ in wavs] == codes and all(u is None for _, u in wavs)
+    codes2, hit2, uppers, wavs = synthesise(ar, nar, texts, prompts, Codec(), expected=tables, **sampling)
+    assert all(torch.equal(a, b) for a, b in zip(codes, codes2)) and torch.equal(hit, hit2)
+    _, want = nar.generate(texts, prompts, [c[0] for c in codes], expected=tables)
+    for c, u, w, (dc, du) in zip(codes, uppers, want, wavs):
+        assert torch.equal(u, w) and torch.equal(dc, c[:1]) and du is u
+
 
 def test_tokenizer_phonemes():
     tok = TextTokenizer.build(["D @2 | k w 'I k", "b r 'aU n | f 'A k s"])

@@ -158,3 +158,24 @@ def test_envelope_layer1_codes_by_envelope_and_round_trips(tmp_path):
     back = MelRVQCodec.load(tmp_path / "c.pt")
     assert back.envelope == 12 and back.name == env.name and "-env12" in back.name
     assert torch.equal(back.encode(wav, SR), codes)
+
+
+def test_expected_upper_layers_decode_like_codes(codec):
+    """decode_log_mel(layer 1, upper=sum_j p_j @ tables[j]) with one-hot p_j (the codes' own) gives the log-mel of
+    all layers, a second path (table lookups); soft p_j give the hand sum; decode vocodes that log-mel. (Two
+    log-mels 1e-6 apart give waveforms up to ~2e-3 apart: Griffin-Lim is not compared across them.)"""
+    codes = codec.encode(voice(1.0, 170, seed=9), SR)
+    tables = codec.tables()
+    assert [t.shape for t in tables] == [(n, codec.n_mels) for n in codec.card]
+    onehot = sum(torch.nn.functional.one_hot(codes[j], codec.card[j]).float() @ tables[j] for j in range(1, 4))
+    torch.testing.assert_close(codec.decode_log_mel(codes[:1], upper=onehot), codec.decode_log_mel(codes),
+                               atol=1e-5, rtol=0)
+    assert (codec.decode_log_mel(codes[:1]) - codec.decode_log_mel(codes)).abs().max() > 0.1  # upper matters
+    assert torch.equal(codec.decode(codes[:1], upper=onehot)[0],
+                       codec.vocode(codec.decode_log_mel(codes[:1], upper=onehot))[0])
+    p = torch.rand(codes.shape[1], codec.card[1], dtype=torch.float64).softmax(-1)
+    want = codec.mean.double() + tables[0].double()[codes[0]] + p @ tables[1].double()  # float64, by hand
+    got = codec.decode_log_mel(codes[:1], upper=(p @ tables[1].double()).float())
+    torch.testing.assert_close(got.T.double(), want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"upper must be a float \[T, D\]"):
+        codec.decode(codes[:1], upper=onehot[:-1])

@@ -333,14 +333,18 @@ def test_transcribe_redoes_a_repetition_loop_deterministically():
 class FakeCodec:
     def __init__(self, real, bad):
         self.name, self.card, self.bad, self.calls = real.name, real.card, bad, 0
+        self.tables, self.uppers = real.tables, []  # the real tables; (layers, upper) of each decode given one
 
-    def decode(self, codes):
+    def decode(self, codes, upper=None):
         self.calls += 1
         codes = torch.as_tensor(codes)
         if self.bad is not None and torch.equal(codes, self.bad):
             raise RuntimeError("Padding size should be less than the corresponding input dimension")
         t = torch.arange(codes.shape[1] * 320)
-        return torch.sin(t * (0.01 + codes[0].float().mean().item() / 1e4)) * 0.3, 16000
+        shift = 0.0 if upper is None else upper.mean().item() / 1e3
+        if upper is not None:
+            self.uppers.append((codes.shape[0], upper))
+        return torch.sin(t * (0.01 + codes[0].float().mean().item() / 1e4 + shift)) * 0.3, 16000
 
 
 @pytest.fixture
@@ -420,3 +424,25 @@ def test_a_changed_n_samples_does_not_reuse_the_cache(tiny, fakes, tmp_path):
     fake_eval(tiny, tmp_path, "--n_samples", 2)
     for system in ("prompt", "golden", "golden_l1", "golden_l1_nar", "sft"):
         assert len(list((tmp_path / "samples" / system).glob("*.wav"))) == 2, system
+
+
+def test_expected_nar_decoding_has_its_own_cache_entries_and_report_field(tiny, fakes, tmp_path):
+    """--nar_decoding expected re-runs what the NAR fills in (golden_l1_nar, the ARs) under new cache keys and
+    reuses the rest; its judges decode layer 1 + a float [T, n_mels] upper part. The default keeps the keys
+    that argmax runs had before the option existed."""
+    fakes["codec"].bad = None  # every utterance decodes
+    argmax = fake_eval(tiny, tmp_path, "--n_samples", 1)
+    before = set((tmp_path / "cache").iterdir())
+    assert fakes["codec"].uppers == []
+    assert all("decoding" not in json.loads(p.read_text())["key"].get("nar", {}) for p in before)
+    expected = fake_eval(tiny, tmp_path, "--n_samples", 1, "--nar_decoding", "expected")
+    keys = [json.loads(p.read_text())["key"] for p in set((tmp_path / "cache").iterdir()) - before]
+    assert sorted(k["what"] for k in keys) == ["ar", "golden_l1_nar"]
+    assert all(k["nar"]["decoding"] == "expected" for k in keys)
+    assert (argmax["nar_decoding"], expected["nar_decoding"]) == ("argmax", "expected")
+    assert expected["systems"]["golden"] == argmax["systems"]["golden"]
+    n_mels = MelRVQCodec.load(CODEC).n_mels
+    calls = fakes["codec"].uppers
+    assert len(calls) == 2 * 6 + 2  # two systems judged on 6 utterances, and their one WAV sample each
+    assert all(q == 1 and u.dtype == torch.float32 and u.shape[1] == n_mels for q, u in calls)
+    assert "its upper layers decoded from its expected codebook vectors" in (tmp_path / "report.md").read_text()
