@@ -148,7 +148,8 @@ def _check_codes(codes, card):
     codes = codes.long()
     for q in range(codes.shape[0]):
         if codes[q].min() < 0 or codes[q].max() >= card[q]:
-            raise ValueError(f"layer {q + 1} codes must lie in [0, {card[q]}), got [{codes[q].min()}, {codes[q].max()}]")
+            raise ValueError(f"layer {q + 1} codes must lie in [0, {card[q]}), "
+                             f"got [{codes[q].min()}, {codes[q].max()}]")
     return codes
 
 
@@ -239,7 +240,8 @@ class MelRVQCodec:
 
     def params(self):
         return {"n_fft": self.n_fft, "hop": self.hop, "n_mels": self.n_mels, "cmn": self.cmn,
-                "envelope": self.envelope, "card": list(self.card), "sample_rate": self.sample_rate, "frame_rate": self.frame_rate}
+                "envelope": self.envelope, "card": list(self.card), "sample_rate": self.sample_rate,
+                "frame_rate": self.frame_rate}
 
     # --- features ------------------------------------------------------------------------------------
     def log_mel(self, wav, sr):
