@@ -174,7 +174,7 @@ def main():
     ap.add_argument("--preset", choices=sorted(PRESETS), default="toy")
     ap.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     ap.add_argument("--from_scratch", action="store_true",
-                    help="synthesise the corpus (needs flite and espeak-ng), fit the codec, pretrain AR and NAR "
+                    help="synthesise the corpus (needs flite, festival and espeak-ng), fit the codec, pretrain AR and NAR "
                          "(toy preset: ~2.5 h on 2 cores) instead of using data/toy/")
     args = ap.parse_args()
     out, p = args.out or os.path.join("runs", args.preset), PRESETS[args.preset]
