@@ -38,7 +38,8 @@ from codec import load_corpus, load_pt
 # -----------------------------------------------------------------------------------------------------------
 # Text tokenizer. Phonemes are the default: at toy scale an early prototype could not learn how letters
 # sound in the compute we have. The toy corpus stores espeak-ng phonemes ("D @2 | k w ' I k": phonemes and
-# stress marks split by spaces, words by "|"; the shipped corpus files still fuse stress into the vowel); for the real setting data/make_manifest.py writes the same format.
+# stress marks split by spaces, words by "|"; the shipped corpus files still fuse stress into the vowel);
+# for the real setting data/make_manifest.py writes the same format.
 
 PAD = "<pad>"
 LETTERS = list("abcdefghijklmnopqrstuvwxyz' ")
