@@ -24,6 +24,7 @@ import hashlib
 import math
 import os
 import pickle
+from pathlib import Path
 
 import torch
 import torchaudio
@@ -40,6 +41,25 @@ def load_pt(path, what, map_location="cpu", mmap=False):
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise ValueError(f"{path}: this {what} file is incomplete or corrupt (cut short by an interrupted copy "
                          "or download?), or not one this project wrote") from e
+
+
+def atomic_write(path, write):
+    """write(tmp) fills a temporary file beside `path`, then one rename puts it in place: a run killed or
+    failing mid-write leaves the old file (or none) and no temporary, never half a file. Every file the
+    project writes goes through here."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt too: no stray temporary
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text(path, text):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def as_mono(wav, sr, target_sr):
@@ -336,9 +356,7 @@ class MelRVQCodec:
         """Atomic save (temp file, then rename) of everything `load` needs; plain tensors and lists."""
         state = {"name": self.name, "cmn": self.cmn, "envelope": self.envelope, "mean": self.mean, "centroids": self.centroids,
                  "params": self.params()}
-        tmp = f"{path}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     @classmethod
     def load(cls, path):
@@ -386,9 +404,7 @@ def save_corpus(path, codec, rows, codes, source, skipped, **extra):
         "lengths": torch.tensor([c.shape[1] for c in codes], dtype=torch.long),
         "source": source, "skipped": skipped,
     }
-    tmp = f"{path}.tmp"
-    torch.save(corpus, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(corpus, tmp))
 
 
 def load_corpus(path):

@@ -28,7 +28,6 @@ import random
 import re
 import unicodedata
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 
 from tqdm import tqdm
 
-from codec import as_mono, load_codec, load_corpus, load_pt
+from codec import as_mono, atomic_write, load_codec, load_corpus, load_pt, write_text
 from speechalign import SAMPLING, load_model, make_examples, sequence_logps, synthesise, too_long
 
 NORMALIZATION = (
@@ -532,16 +531,6 @@ def _round(x):
 # Files: everything is written through a temporary name and a rename (an interrupted run leaves no half
 # file); expensive results are cached as JSON under a hash of everything they depend on.
 
-def atomic(path, write):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    write(f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
-
-
-def write_text(path, text):
-    atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def cached(out, key, compute):
     """compute() once per key; the result lives in out/cache/<hash of key>.json (with the key, for people)."""
     blob = json.dumps(key, sort_keys=True)
@@ -569,7 +558,7 @@ def pyplot():
 
 def save_fig(fig, path):
     fig.tight_layout()
-    atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     pyplot().close(fig)
 
 
@@ -638,7 +627,7 @@ def plot_curve(path, curve):
 
 def write_wav(path, wav, sr):
     import soundfile as sf
-    atomic(path, lambda tmp: sf.write(tmp, wav.numpy(), sr, format="WAV", subtype="PCM_16"))
+    atomic_write(path, lambda tmp: sf.write(tmp, wav.numpy(), sr, format="WAV", subtype="PCM_16"))
 
 
 def fmt(x, spec=".3f", ci=None):

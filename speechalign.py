@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from codec import load_corpus, load_pt
+from codec import atomic_write, load_corpus, load_pt, write_text
 
 # -----------------------------------------------------------------------------------------------------------
 # Text tokenizer. Phonemes are the default: at toy scale an early prototype could not learn how letters
@@ -503,10 +503,7 @@ def synthesise(ar, nar, texts, prompts, codec=None, nar_precision="fp32", expect
 # Checkpoints: plain dicts of tensors and numbers, written atomically, read with weights_only=True.
 
 def save_checkpoint(path, **state):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # e.g. --export data/new/ar.pt in a fresh clone
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_model(path, kind, device="cpu"):
@@ -851,9 +848,7 @@ def align(a):
         save_checkpoint(out_ckpt, kind="ar", config=asdict(policy.cfg), step=ckpt["step"], model=policy.state_dict(),
                         tokenizer={"symbols": tok.symbols, "kind": tok.kind}, codec=ckpt["codec"], round=t,
                         args=asdict(a))
-        with open(metrics_path + ".tmp", "w") as f:
-            json.dump(metrics, f, indent=1)
-        os.replace(metrics_path + ".tmp", metrics_path)
+        write_text(metrics_path, json.dumps(metrics, indent=1))
         history.append(metrics)
         if not a.control:
             m = metrics["after"]

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from codec import load_corpus, load_pt
+from codec import load_corpus, load_pt, write_text
 from speechalign import (AR, NAR, LMConfig, TextTokenizer, autocast, check_same, lm_loss, make_examples,
                          save_checkpoint, too_long)
 
@@ -189,9 +189,7 @@ def trim_log(path, step):
             raise SystemExit(f"{path} line {n} is not a JSON record: mend or delete that line, then resume again")
         if rec["step"] <= step:
             kept.append(line)
-    with open(f"{path}.tmp", "w") as f:  # then renamed: a kill now loses no record
-        f.writelines(kept)
-    os.replace(f"{path}.tmp", path)
+    write_text(path, "".join(kept))  # atomically: a kill now loses no record
 
 
 def main(argv=None):

@@ -20,7 +20,8 @@ import soundfile as sf
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_toy_corpus import phonemise  # noqa: E402
+from make_toy_corpus import phonemise  # noqa: E402  (it puts the repository root on sys.path)
+from codec import write_text  # noqa: E402
 
 
 def libritts(root):
@@ -73,11 +74,7 @@ def main():
             for row, ph in zip(rows, tqdm(ex.map(phonemise, [r["text"] for r in rows]), total=len(rows),
                                           desc="phonemise")):
                 row["phonemes"] = ph
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(args.out + ".tmp", args.out)
+    write_text(args.out, "".join(json.dumps(row) + "\n" for row in rows))
     print(f"{args.out}: {len(rows)} utterances, {len({r['speaker'] for r in rows})} speakers; "
           f"left out {len(left_out)}")
     for line in left_out[:10]:

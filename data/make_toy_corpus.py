@@ -25,11 +25,15 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import soundfile as sf
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from codec import atomic_write, write_text  # noqa: E402
 
 SAMPLE_RATE = 16000
 
@@ -431,9 +435,7 @@ def synthesise(job):
             torch.set_num_threads(1)
             wav = torchaudio.functional.resample(torch.from_numpy(wav), round(sr), SAMPLE_RATE).numpy()
         wav = np.clip(wav, -1.0, 1.0)
-        os.makedirs(os.path.dirname(wav_path), exist_ok=True)
-        sf.write(wav_path + ".part.wav", wav, SAMPLE_RATE, subtype="PCM_16")
-        os.replace(wav_path + ".part.wav", wav_path)  # atomic: a killed run leaves no half file
+        atomic_write(wav_path, lambda tmp: sf.write(tmp, wav, SAMPLE_RATE, format="WAV", subtype="PCM_16"))
     seconds = sf.info(wav_path).frames / SAMPLE_RATE
     return {"id": utt_id, "audio": rel_path, "text": text, "speaker": speaker,
             "phonemes": phonemise(text), "seconds": round(seconds, 3)}
@@ -495,11 +497,7 @@ def main():
                 rel = os.path.join("wav", speaker, wav_name(utt_id, speaker, text))
                 jobs.append((utt_id, speaker, text, os.path.join(args.out, rel), rel))
             rows = list(tqdm(pool.map(synthesise, jobs, chunksize=16), total=len(jobs), desc=split))
-            tmp = os.path.join(args.out, split + ".jsonl.tmp")
-            with open(tmp, "w") as f:
-                for row in rows:
-                    f.write(json.dumps(row) + "\n")
-            os.replace(tmp, os.path.join(args.out, split + ".jsonl"))
+            write_text(os.path.join(args.out, split + ".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
             hours = sum(r["seconds"] for r in rows) / 3600
             print(f"{split}: {len(rows)} utterances, {hours:.2f} h, speakers {sorted({r['speaker'] for r in rows})}")
 
