@@ -374,6 +374,13 @@ def load_codec(spec, device="cpu"):
     return EncodecCodec(device=device) if spec == "encodec" else MelRVQCodec.load(spec)
 
 
+def decode_codes(codec, codes, upper=None):
+    """Audio of codes [Q, T] (a tensor, or nested lists as the evaluation's cache holds them): all layers, or
+    layer 1 + an upper part [T, D] (the NAR's expected upper layers, speechalign.NAR.generate)."""
+    codes = torch.as_tensor(codes)
+    return codec.decode(codes) if upper is None else codec.decode(codes[:1], upper=torch.as_tensor(upper).float())
+
+
 def log_mel_distance(a, b):
     """Mean absolute difference of two log-mels [n_mels, T] over their common frames (nats)."""
     t = min(a.shape[1], b.shape[1])

@@ -35,8 +35,10 @@ import torch.nn.functional as F
 
 from tqdm import tqdm
 
-from codec import as_mono, atomic_write, load_codec, load_corpus, load_pt, write_text
-from speechalign import SAMPLING, load_model, make_examples, sequence_logps, synthesise, too_long
+from codec import as_mono, decode_codes, load_codec, load_corpus, load_pt, write_text
+from report import write_report
+from speechalign import (SAMPLING, ar_logps, load_model, make_examples, sampling_batches, synthesise,
+                         too_long)
 
 NORMALIZATION = (
     "Text is Unicode-NFKC-normalised and lower-cased, apostrophes are dropped (don't -> dont), "
@@ -252,20 +254,17 @@ def generate(ar, nar, examples, golden_layer1=False, batch_size=32, seed=0, samp
     frame_rate: the codec's, for the AR's length limit (speechalign.frame_limit). expected: the codec's tables,
     for the NAR's expected upper layers [T, D] per example (speechalign.NAR.generate); else they are None.
 
-    Batches of similar text length share the KV-cache sampler; each batch has its own seeded generator, so
-    the result depends on the seed, the test list and the batch size only (and on the device: a GPU draws
-    other numbers). Returns (codes list, hit_limit list of bool, uppers list)."""
+    Batches of similar text length share the KV-cache sampler, each with its own seeded generator
+    (speechalign.sampling_batches). Returns (codes list, hit_limit list of bool, uppers list)."""
     sampling = SAMPLING if sampling is None else sampling
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
     codes, hit, uppers = [None] * len(examples), [False] * len(examples), [None] * len(examples)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for k, idx in enumerate(batches if progress is None else progress(batches)):
+    batches = sampling_batches([len(t) for t, _, _ in examples], batch_size, seed, nar.heads[0].weight.device)
+    for idx, g in batches if progress is None else progress(batches):
         texts, prompts = [examples[i][0] for i in idx], [examples[i][1] for i in idx]
         if golden_layer1:
             out = nar.generate(texts, prompts, [examples[i][2][0] for i in idx], nar_precision, expected)
             lim = [False] * len(idx)
         else:
-            g = torch.Generator(device=ar.head.weight.device).manual_seed(seed * 1_000_003 + k)
             out, lim, *up = synthesise(ar, nar, texts, prompts, generator=g, nar_precision=nar_precision,
                                        expected=expected, frame_rate=frame_rate, **sampling)
             out, lim = (out, *up) if up else out, lim.tolist()
@@ -289,12 +288,6 @@ def _load_judges(codec, asr_name, worker=False):
                    enc=load_speaker_encoder())
 
 
-def decode(codec, codes, upper=None):
-    """Audio of codes [Q, T]: all layers, or (--nar_decoding expected) layer 1 + the NAR's expected upper layers."""
-    codes = torch.as_tensor(codes)
-    return codec.decode(codes) if upper is None else codec.decode(codes[:1], upper=torch.as_tensor(upper).float())
-
-
 def _judge_one(job):
     """(codes, upper or None, transcribe?) -> (transcript, speaker embedding, {stage: reason} for each stage that
     failed).
@@ -311,7 +304,7 @@ def _judge_one(job):
         except Exception as e:  # whatever the judge raised, it is this utterance's: recorded, not fatal
             failed[stage] = f"{type(e).__name__}: {e}"
 
-    audio = attempt("decode", lambda: decode(_judges["codec"], codes, upper))
+    audio = attempt("decode", lambda: decode_codes(_judges["codec"], codes, upper))
     if audio is None:
         return None, None, failed
     hyp = attempt("asr", lambda: transcribe(_judges["asr"], *audio)) if want_text else None
@@ -368,14 +361,11 @@ def similarities(embs, others):
 
 @torch.no_grad()
 def golden_nll(ar, examples, batch_size=32):
-    """The AR's per-token NLL (nats) of the golden layer-1 codes + EOS, teacher-forced, over all examples."""
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        b = ar.batch(examples[i:i + batch_size], device=ar.head.weight.device)
-        mask = b["targets"] != -100  # the target codes and EOS; text and prompt are never scored
-        total -= sequence_logps(ar(**b), b["targets"], mask).sum().item()
-        count += int(mask.sum())
-    return total / count
+    """The AR's per-token NLL (nats) of the golden layer-1 codes + EOS, teacher-forced, over all examples:
+    speechalign.ar_logps, the log-probs DPO trains on, summed over the test list."""
+    logps, n = zip(*(ar_logps(ar, examples[i:i + batch_size], ar.head.weight.device)
+                     for i in range(0, len(examples), batch_size)))
+    return -torch.cat(logps).sum().item() / torch.cat(n).sum().item()
 
 
 def layer1_features(seqs, card, buckets=1021):
@@ -547,144 +537,6 @@ def file_key(path, **extra):
     """What identifies a file's content for the cache without reading it: path, modification time, size."""
     st = os.stat(path)
     return {"path": os.path.abspath(path), "mtime_ns": st.st_mtime_ns, "size": st.st_size, **extra}
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_fig(fig, path):
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    pyplot().close(fig)
-
-
-def plot_metrics(path, S, chance):
-    """WER and SIM to prompt per system, with their 95% intervals."""
-    fig, axes = pyplot().subplots(1, 2, figsize=(4 + 1.2 * len(S), 4))
-    for ax, key, title in zip(axes, ("wer", "sim"), ("WER (lower is better)", "SIM to prompt (higher is better)")):
-        v = np.array([s[key] for s in S.values()])
-        ci = np.array([s[f"{key}_ci"] for s in S.values()]).T
-        ax.bar(list(S), v, yerr=np.abs(ci - v), capsize=4, color="tab:blue")
-        ax.set_title(f"{title}, 95% CI", fontsize=9)
-        ax.tick_params(axis="x", rotation=45, labelsize=8)
-    axes[0].axhline(chance["wer"], ls="--", color="gray", label="chance (wrong sentence)")
-    axes[0].legend(fontsize=8)
-    save_fig(fig, path)
-
-
-def plot_gap(path, groups, card):
-    """2-D PCA of the layer-1 features of golden and each system's synthetic sequences."""
-    X = layer1_features([s for seqs in groups.values() for s in seqs], card)
-    X = standardize(X, X)
-    P, start = X @ torch.linalg.svd(X, full_matrices=False).Vh[:2].T, 0  # the first two principal components
-    fig, ax = pyplot().subplots(figsize=(5.5, 4.5))
-    for name, seqs in groups.items():
-        ax.scatter(*P[start:start + len(seqs)].T, s=10, alpha=0.6, label=name)
-        start += len(seqs)
-    ax.set_title("layer-1 sequences: unigram/bigram features, PCA", fontsize=9)
-    ax.legend(fontsize=8)
-    save_fig(fig, path)
-
-
-def plot_training(path, checkpoints):
-    """Training (and validation) loss from the *log.jsonl files beside the checkpoints, if there are any."""
-    logs = sorted({p for c in checkpoints for p in glob.glob(os.path.join(os.path.dirname(c) or ".", "*log.jsonl"))})
-    if not logs:
-        return
-    fig, ax = pyplot().subplots(figsize=(7, 4))
-    for p in logs:
-        with open(p) as f:  # a log still being written may end in half a line
-            recs = [json.loads(line) for line in f if line.endswith("\n")]
-        train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
-        if train:
-            name = os.path.join(*p.split(os.sep)[-2:])  # e.g. sft/ar.pt.log.jsonl, round1/log.jsonl
-            (line,) = ax.plot(*zip(*train), lw=0.7, alpha=0.7, label=name)
-            if val:
-                ax.plot(*zip(*val), "o-", color=line.get_color(), label=f"{name} (validation)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend(fontsize=7)
-    save_fig(fig, path)
-
-
-def plot_curve(path, curve):
-    fig, ax = pyplot().subplots(figsize=(6, 4))
-    wer, ci = np.array(curve["wer"]), np.array(curve["wer_ci"]).T
-    ax.errorbar(curve["steps"], wer, yerr=np.abs(ci - wer), marker="o", capsize=3, label="AR snapshot + NAR")
-    for key, label, style in (("golden", "golden resynthesis", ":"), ("golden_l1", "golden layer 1 alone", (0, (1, 3))),
-                              ("golden_l1_nar", "golden layer 1 + NAR", "--"), ("chance", "chance", "-.")):
-        ax.axhline(curve[f"{key}_wer"], ls=style, color="gray", label=label)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("test WER")
-    ax.legend(fontsize=8)
-    save_fig(fig, path)
-
-
-def write_wav(path, wav, sr):
-    import soundfile as sf
-    atomic_write(path, lambda tmp: sf.write(tmp, wav.numpy(), sr, format="WAV", subtype="PCM_16"))
-
-
-def fmt(x, spec=".3f", ci=None):
-    if x is None:
-        return "–"
-    return f"{x:{spec}}" + ("" if ci is None else f" [{ci[0]:{spec}}, {ci[1]:{spec}}]")
-
-
-def markdown(r):
-    """report.md: the results table first, then the setup, the distribution gap, the differences and the
-    utterances the judges could not score."""
-    S, n = r["systems"], r["n_seen"] + r["n_unseen"]
-
-    def missing(k, what):
-        return f" ({k} {what})" if k else ""
-
-    table = ["| system | WER [95% CI] | SIM to prompt [95% CI] | SIM to golden | WER seen / unseen |",
-             "|---|---|---|---|---|"]
-    table += [f"| {name} | {fmt(s['wer'], ci=s['wer_ci'])}{missing(s['no_transcript'], 'not transcribed')} | "
-              f"{fmt(s['sim'], ci=s['sim_ci'])}{missing(s['sim_missing'], 'missing')} | "
-              f"{fmt(s['sim_to_golden'])} | {fmt(s['wer_by_split'].get('seen'))} / "
-              f"{fmt(s['wer_by_split'].get('unseen'))} |" for name, s in S.items()]
-    table.append(f"| chance | {fmt(r['chance']['wer'], ci=r['chance']['wer_ci'])} | – | – | – |")
-    lines = ["# Evaluation report", "", *table, "", "## Setup", "",
-             f"- Test list: {n} utterances ({r['n_seen']} of test_seen, {r['n_unseen']} of test_unseen), each with a "
-             f"{r['prompt_seconds']:g} s prompt from another utterance of the same speaker; seed {r['seed']}.",
-             *([f"- Skipped, longer than the models' positions (text, or prompt + target + EOS): "
-                f"{len(r['skipped'])} utterances: " + ", ".join(f"{x['id']} ({x['reason']})" for x in r["skipped"])]
-               if r["skipped"] else []),
-             f"- WER: {r['wer_kind']}; ASR: {r['asr']}. Normalisation: {r['normalization']}",
-             f"- SIM: {r['sim_kind']}.",
-             "- An utterance the judges cannot score (its codes do not decode, or the ASR or the speaker encoder fails "
-             "on it) counts as all deletions in WER and is left out of SIM (and counted); the list is at the end.",
-             "- `golden`: codec resynthesis of all golden layers (upper bound); `golden_l1`: golden layer 1 alone; "
-             "`golden_l1_nar`: golden layer 1 + the NAR; `chance`: golden transcripts scored against other "
-             "utterances' sentences.",
-             f"- Codec: {r['codec']}. NAR: {r['nar']}, its upper layers decoded from its {r['nar_decoding']} "
-             f"{'codes' if r['nar_decoding'] == 'argmax' else 'codebook vectors'}. AR sampling (KV cache): "
-             f"{r['sampling']}.",
-             f"- Intervals: 95% percentile bootstrap over utterances, {r['n_boot']} resamples, paired across systems.",
-             "", "## Distribution gap: the NAR fed golden vs the AR's synthetic layer 1", "",
-             "| system | WER golden L1 → AR's L1 | SIM golden L1 → AR's L1 | golden-vs-synthetic classifier acc "
-             "(0.5: no gap) | golden NLL (nats/token) | hit length limit |", "|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {fmt(g['wer_golden_ar'])} → {fmt(g['wer_synthetic_ar'])} | {fmt(g['sim_golden_ar'])} → "
-              f"{fmt(g['sim_synthetic_ar'])} | {fmt(g['classifier_acc'], '.2f', g['classifier_acc_ci'])} | "
-              f"{fmt(s['golden_nll'])} | "
-              f"{s['hit_limit_rate']:.1%} |" for name, s in S.items() if (g := s["gap"])]
-    lines += ["", "## Differences (A_vs_B = A minus B)", "", "| pair | ΔWER [95% CI] | ΔSIM [95% CI] |",
-              "|---|---|---|"]
-    lines += [f"| {k} | {fmt(d['delta_wer'], '+.3f', d['delta_wer_ci'])} | "
-              f"{fmt(d['delta_sim'], '+.3f', d['delta_sim_ci'])} |" for k, d in r["pairwise"].items()]
-    unscored = [("prompt", u) for u in r["prompt_unscored"]] + [(nm, u) for nm, s in S.items() for u in s["unscored"]]
-    rows = [f"| {nm} | {u['id']} | {u['stage']} | {' '.join(u['reason'].replace('|', '/').split())} |"
-            for nm, u in unscored]  # a reason is one table cell: no pipes, no line breaks
-    lines += ["", "## Utterances the judges could not score", "",
-              *(["| system | utterance | stage | reason |", "|---|---|---|---|", *rows] if rows else ["None."])]
-    return "\n".join(lines) + "\n", table
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -872,30 +724,11 @@ def main(argv=None):
         n_seen=splits.count("seen"), n_unseen=splits.count("unseen"), n_boot=args.n_boot, skipped=skipped,
         prompt_unscored=[dict(id=ids[f["utt"]], stage=f["stage"], reason=f["reason"]) for f in prompts["failures"]],
         test=[dict(id=i, split=sp, ref=r, ref_words=w) for i, sp, r, w in zip(ids, splits, refs, words)])
-    write_text(os.path.join(args.out, "report.json"), json.dumps(report, indent=1))
-
-    plot_metrics(os.path.join(args.out, "metrics.png"), S, chance)
-    plot_gap(os.path.join(args.out, "gap_pca.png"),
-             {"golden": golden_l1} | {n: r["layer1"] for n, r in results.items() if "layer1" in r}, codec.card[0])
-    plot_training(os.path.join(args.out, "training.png"), [args.nar] + [p for _, p in systems])
-    if curve_names:
-        curve = dict(steps=[S[n]["step"] for n in curve_names], checkpoints=[S[n]["checkpoint"] for n in curve_names],
-                     **{k: [S[n][k] for n in curve_names] for k in ("wer", "wer_ci", "sim", "sim_ci")},
-                     golden_wer=S["golden"]["wer"], golden_l1_wer=S["golden_l1"]["wer"],
-                     golden_l1_nar_wer=S["golden_l1_nar"]["wer"],
-                     chance_wer=chance["wer"])
-        write_text(os.path.join(args.out, "curve.json"), json.dumps(curve, indent=1))
-        plot_curve(os.path.join(args.out, "curve.png"), curve)
-    safe = [re.sub(r"[^\w.-]", "_", i) for i in ids]
+    layer1 = {"golden": golden_l1} | {n: r["layer1"] for n, r in results.items() if "layer1" in r}
     prompt_samples = [p.tolist() for _, p, _ in examples[:args.n_samples]]
-    for name, res in {"prompt": prompts | {"samples": prompt_samples}, **results}.items():
-        undecodable = {f["utt"] for f in res["failures"] if f["stage"] == "decode"}  # listed in the report
-        uppers = res.get("samples_upper", [None] * len(res["samples"]))
-        for k, (codes, upper) in enumerate(zip(res["samples"], uppers)):
-            if k not in undecodable:
-                write_wav(os.path.join(args.out, "samples", name, f"{safe[k]}.wav"), *decode(codec, codes, upper))
-    md, table = markdown(report)
-    write_text(os.path.join(args.out, "report.md"), md)
+    table = write_report(args.out, report, codec, {"prompt": prompts | {"samples": prompt_samples}, **results},
+                         {n: layer1_features(seqs, codec.card[0]).numpy() for n, seqs in layer1.items()},
+                         [args.nar] + [p for _, p in systems], curve_names)
     print("\n".join(table))
     print(f"report: {os.path.join(args.out, 'report.md')}")
 

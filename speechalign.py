@@ -544,6 +544,15 @@ def pair_examples(pairs, idx, side):
     return [(pairs["texts"][i], pairs["prompts"][i], pairs["rejected"][j].view(1, -1)) for i, j in zip(utts, idx)]
 
 
+def sampling_batches(lengths, batch_size, seed, device):
+    """[(indices, generator)]: items of similar length share a KV-cache sampling batch (less left padding),
+    and each batch has its own seeded generator, so what is sampled depends on the seed, the lengths and
+    the batch size only (and on the device: a GPU draws other numbers). Pairs and evaluation both use it."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)  # stable: ties keep their order
+    return [(order[s:s + batch_size], torch.Generator(device=device).manual_seed(seed * 1_000_003 + n))
+            for n, s in enumerate(range(0, len(order), batch_size))]
+
+
 @torch.no_grad()
 def make_pairs(ar, examples, k=1, sampling=SAMPLING, batch_size=64, seed=0, progress=False, *, frame_rate):
     """Sample K rejected layer-1 sequences per example from `ar` (the KV-cache sampler, `sampling` settings, the
@@ -554,13 +563,12 @@ def make_pairs(ar, examples, k=1, sampling=SAMPLING, batch_size=64, seed=0, prog
     t0 = time.time()
     given = len(examples)
     examples = [ex for ex in examples if too_long(ex, ar.cfg.max_text, ar.cfg.max_audio) is None]
-    # similar prompt+text lengths share a batch: less left padding in the sampler
-    jobs = sorted(((i, r) for i in range(len(examples)) for r in range(k)),
-                  key=lambda j: (len(examples[j[0]][0]) + examples[j[0]][1].shape[1], j))
-    batches = [jobs[s:s + batch_size] for s in range(0, len(jobs), batch_size)]
+    jobs = [(i, r) for i in range(len(examples)) for r in range(k)]
+    lengths = [len(examples[i][0]) + examples[i][1].shape[1] for i, _ in jobs]
     rejected, hit = {}, {}
-    for n, chunk in enumerate(tqdm(batches, desc="sample pairs", disable=not progress)):
-        g = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + n)
+    for batch, g in tqdm(sampling_batches(lengths, batch_size, seed, dev), desc="sample pairs",
+                         disable=not progress):
+        chunk = [jobs[j] for j in batch]
         codes, lim = ar.generate([examples[i][0] for i, _ in chunk], [examples[i][1] for i, _ in chunk],
                                  generator=g, frame_rate=frame_rate, **sampling)
         for job, c, h in zip(chunk, codes, lim.tolist()):

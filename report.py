@@ -1,0 +1,190 @@
+"""The evaluation's run directory, from its numbers (eval.py measures them): report.json, report.md,
+PNG plots, WAV samples and report.html, a listening page that opens from the file system.
+
+    write_report(out, report, codec, samples, gap_features, checkpoints)
+"""
+import glob
+import json
+import os
+import re
+
+import numpy as np
+
+from codec import atomic_write, decode_codes, write_text
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_fig(fig, path):
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    pyplot().close(fig)
+
+
+def plot_metrics(path, S, chance):
+    """WER and SIM to prompt per system, with their 95% intervals."""
+    fig, axes = pyplot().subplots(1, 2, figsize=(4 + 1.2 * len(S), 4))
+    for ax, key, title in zip(axes, ("wer", "sim"), ("WER (lower is better)", "SIM to prompt (higher is better)")):
+        v = np.array([s[key] for s in S.values()])
+        ci = np.array([s[f"{key}_ci"] for s in S.values()]).T
+        ax.bar(list(S), v, yerr=np.abs(ci - v), capsize=4, color="tab:blue")
+        ax.set_title(f"{title}, 95% CI", fontsize=9)
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+    axes[0].axhline(chance["wer"], ls="--", color="gray", label="chance (wrong sentence)")
+    axes[0].legend(fontsize=8)
+    save_fig(fig, path)
+
+
+def plot_gap(path, groups):
+    """2-D PCA of the layer-1 features (eval.layer1_features, one row per sequence) of golden and each
+    system's synthetic sequences, standardised."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    P = PCA(2).fit_transform(StandardScaler().fit_transform(np.concatenate(list(groups.values()))))
+    fig, ax = pyplot().subplots(figsize=(5.5, 4.5))
+    start = 0
+    for name, X in groups.items():
+        ax.scatter(*P[start:start + len(X)].T, s=10, alpha=0.6, label=name)
+        start += len(X)
+    ax.set_title("layer-1 sequences: unigram/bigram features, PCA", fontsize=9)
+    ax.legend(fontsize=8)
+    save_fig(fig, path)
+
+
+def plot_training(path, checkpoints):
+    """Training (and validation) loss from the *log.jsonl files beside the checkpoints, if there are any."""
+    logs = sorted({p for c in checkpoints for p in glob.glob(os.path.join(os.path.dirname(c) or ".", "*log.jsonl"))})
+    if not logs:
+        return
+    fig, ax = pyplot().subplots(figsize=(7, 4))
+    for p in logs:
+        with open(p) as f:  # a log still being written may end in half a line
+            recs = [json.loads(line) for line in f if line.endswith("\n")]
+        train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+        if train:
+            name = os.path.join(*p.split(os.sep)[-2:])  # e.g. sft/ar.pt.log.jsonl, round1/log.jsonl
+            (line,) = ax.plot(*zip(*train), lw=0.7, alpha=0.7, label=name)
+            if val:
+                ax.plot(*zip(*val), "o-", color=line.get_color(), label=f"{name} (validation)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=7)
+    save_fig(fig, path)
+
+
+def plot_curve(path, curve):
+    fig, ax = pyplot().subplots(figsize=(6, 4))
+    wer, ci = np.array(curve["wer"]), np.array(curve["wer_ci"]).T
+    ax.errorbar(curve["steps"], wer, yerr=np.abs(ci - wer), marker="o", capsize=3, label="AR snapshot + NAR")
+    for key, label, style in (("golden", "golden resynthesis", ":"), ("golden_l1", "golden layer 1 alone", (0, (1, 3))),
+                              ("golden_l1_nar", "golden layer 1 + NAR", "--"), ("chance", "chance", "-.")):
+        ax.axhline(curve[f"{key}_wer"], ls=style, color="gray", label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("test WER")
+    ax.legend(fontsize=8)
+    save_fig(fig, path)
+
+
+def write_samples(out, codec, samples, ids):
+    """out/samples/<system>/<utterance id>.wav for the codes each system's result keeps ("samples", and its
+    "samples_upper" with --nar_decoding expected); one that did not decode is left out (the report lists it)."""
+    safe = [re.sub(r"[^\w.-]", "_", i) for i in ids]
+    for name, res in samples.items():
+        undecodable = {f["utt"] for f in res["failures"] if f["stage"] == "decode"}
+        uppers = res.get("samples_upper", [None] * len(res["samples"]))
+        for k, (codes, upper) in enumerate(zip(res["samples"], uppers)):
+            if k not in undecodable:
+                write_wav(os.path.join(out, "samples", name, f"{safe[k]}.wav"), *decode_codes(codec, codes, upper))
+
+
+def write_wav(path, wav, sr):
+    import soundfile as sf
+    atomic_write(path, lambda tmp: sf.write(tmp, wav.numpy(), sr, format="WAV", subtype="PCM_16"))
+
+
+def fmt(x, spec=".3f", ci=None):
+    if x is None:
+        return "–"
+    return f"{x:{spec}}" + ("" if ci is None else f" [{ci[0]:{spec}}, {ci[1]:{spec}}]")
+
+
+def markdown(r):
+    """report.md: the results table first, then the setup, the distribution gap, the differences and the
+    utterances the judges could not score."""
+    S, n = r["systems"], r["n_seen"] + r["n_unseen"]
+
+    def missing(k, what):
+        return f" ({k} {what})" if k else ""
+
+    table = ["| system | WER [95% CI] | SIM to prompt [95% CI] | SIM to golden | WER seen / unseen |",
+             "|---|---|---|---|---|"]
+    table += [f"| {name} | {fmt(s['wer'], ci=s['wer_ci'])}{missing(s['no_transcript'], 'not transcribed')} | "
+              f"{fmt(s['sim'], ci=s['sim_ci'])}{missing(s['sim_missing'], 'missing')} | "
+              f"{fmt(s['sim_to_golden'])} | {fmt(s['wer_by_split'].get('seen'))} / "
+              f"{fmt(s['wer_by_split'].get('unseen'))} |" for name, s in S.items()]
+    table.append(f"| chance | {fmt(r['chance']['wer'], ci=r['chance']['wer_ci'])} | – | – | – |")
+    lines = ["# Evaluation report", "", *table, "", "## Setup", "",
+             f"- Test list: {n} utterances ({r['n_seen']} of test_seen, {r['n_unseen']} of test_unseen), each with a "
+             f"{r['prompt_seconds']:g} s prompt from another utterance of the same speaker; seed {r['seed']}.",
+             *([f"- Skipped, longer than the models' positions (text, or prompt + target + EOS): "
+                f"{len(r['skipped'])} utterances: " + ", ".join(f"{x['id']} ({x['reason']})" for x in r["skipped"])]
+               if r["skipped"] else []),
+             f"- WER: {r['wer_kind']}; ASR: {r['asr']}. Normalisation: {r['normalization']}",
+             f"- SIM: {r['sim_kind']}.",
+             "- An utterance the judges cannot score (its codes do not decode, or the ASR or the speaker encoder fails "
+             "on it) counts as all deletions in WER and is left out of SIM (and counted); the list is at the end.",
+             "- `golden`: codec resynthesis of all golden layers (upper bound); `golden_l1`: golden layer 1 alone; "
+             "`golden_l1_nar`: golden layer 1 + the NAR; `chance`: golden transcripts scored against other "
+             "utterances' sentences.",
+             f"- Codec: {r['codec']}. NAR: {r['nar']}, its upper layers decoded from its {r['nar_decoding']} "
+             f"{'codes' if r['nar_decoding'] == 'argmax' else 'codebook vectors'}. AR sampling (KV cache): "
+             f"{r['sampling']}.",
+             f"- Intervals: 95% percentile bootstrap over utterances, {r['n_boot']} resamples, paired across systems.",
+             "", "## Distribution gap: the NAR fed golden vs the AR's synthetic layer 1", "",
+             "| system | WER golden L1 → AR's L1 | SIM golden L1 → AR's L1 | golden-vs-synthetic classifier acc "
+             "(0.5: no gap) | golden NLL (nats/token) | hit length limit |", "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {fmt(g['wer_golden_ar'])} → {fmt(g['wer_synthetic_ar'])} | {fmt(g['sim_golden_ar'])} → "
+              f"{fmt(g['sim_synthetic_ar'])} | {fmt(g['classifier_acc'], '.2f', g['classifier_acc_ci'])} | "
+              f"{fmt(s['golden_nll'])} | "
+              f"{s['hit_limit_rate']:.1%} |" for name, s in S.items() if (g := s["gap"])]
+    lines += ["", "## Differences (A_vs_B = A minus B)", "", "| pair | ΔWER [95% CI] | ΔSIM [95% CI] |",
+              "|---|---|---|"]
+    lines += [f"| {k} | {fmt(d['delta_wer'], '+.3f', d['delta_wer_ci'])} | "
+              f"{fmt(d['delta_sim'], '+.3f', d['delta_sim_ci'])} |" for k, d in r["pairwise"].items()]
+    unscored = [("prompt", u) for u in r["prompt_unscored"]] + [(nm, u) for nm, s in S.items() for u in s["unscored"]]
+    rows = [f"| {nm} | {u['id']} | {u['stage']} | {' '.join(u['reason'].replace('|', '/').split())} |"
+            for nm, u in unscored]  # a reason is one table cell: no pipes, no line breaks
+    lines += ["", "## Utterances the judges could not score", "",
+              *(["| system | utterance | stage | reason |", "|---|---|---|---|", *rows] if rows else ["None."])]
+    return "\n".join(lines) + "\n", table
+
+
+def write_report(out, report, codec, samples, gap_features, checkpoints, curve_names=()):
+    """Everything in the run directory `out` but the cache; returns the results table (Markdown lines).
+    samples: per system (and "prompt") its result with the codes of its sample utterances (write_samples);
+    gap_features: per system its layer-1 feature rows (plot_gap); checkpoints: whose training logs to plot;
+    curve_names: the systems that are snapshots of one training run, in step order (curve.json, curve.png)."""
+    S, chance = report["systems"], report["chance"]
+    write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1))
+    plot_metrics(os.path.join(out, "metrics.png"), S, chance)
+    plot_gap(os.path.join(out, "gap_pca.png"), gap_features)
+    plot_training(os.path.join(out, "training.png"), checkpoints)
+    if curve_names:
+        curve = dict(steps=[S[n]["step"] for n in curve_names], checkpoints=[S[n]["checkpoint"] for n in curve_names],
+                     **{k: [S[n][k] for n in curve_names] for k in ("wer", "wer_ci", "sim", "sim_ci")},
+                     golden_wer=S["golden"]["wer"], golden_l1_wer=S["golden_l1"]["wer"],
+                     golden_l1_nar_wer=S["golden_l1_nar"]["wer"],
+                     chance_wer=chance["wer"])
+        write_text(os.path.join(out, "curve.json"), json.dumps(curve, indent=1))
+        plot_curve(os.path.join(out, "curve.png"), curve)
+    write_samples(out, codec, samples, [t["id"] for t in report["test"]])
+    md, table = markdown(report)
+    write_text(os.path.join(out, "report.md"), md)
+    return table
