@@ -4,26 +4,27 @@ import subprocess
 
 import pytest
 
-from eval import NORMALIZATION, corpus_wer, normalize_text
+from eval import corpus_wer, normalize_text
 
 
+# Whisper's English normaliser (whisper-normalizer), checked for what WER relies on. Before it, a hand-written
+# rule dropped apostrophes and spelled numbers out; these cases are that rule's, with the library's answers.
 @pytest.mark.parametrize("raw, expected", [
     ("Hello World", "hello world"),                                  # case
     ("  a \t b\n\nc  ", "a b c"),                                    # whitespace
-    ("Hello, world! (Really?) \"Yes\"; ok: fine.", "hello world really yes ok fine"),  # punctuation
-    ("Don't stop, it's Bob’s", "dont stop its bobs"),                # apostrophes (both kinds) dropped
+    ("Hello, world! Really? \"Yes\"; ok: fine.", "hello world really yes ok fine"),  # punctuation
+    ("Don't stop, it's Bob’s", "do not stop it is bob is"),          # contractions expanded, both apostrophes
     ("well-known state-of-the-art", "well known state of the art"),  # hyphens
     ("a - b -- c — d", "a b c d"),                                   # free-standing dashes
-    ("0 7 13 20 42 99", "zero seven thirteen twenty forty two ninety nine"),
-    ("100 105 999", "one hundred one hundred five nine hundred ninety nine"),
-    ("1000 2024 40003", "one thousand two thousand twenty four forty thousand three"),
-    ("999999", "nine hundred ninety nine thousand nine hundred ninety nine"),
-    ("1,250 people", "one thousand two hundred fifty people"),       # thousands separator
-    ("1234567", "one two three four five six seven"),               # above range: digit by digit
-    ("007", "seven"),
-    ("room 42b", "room forty two b"),
-    ("3.5", "three five"),
-    ("Forty-two", "forty two"),                                      # spelled and digit forms agree
+    ("forty two apples", "42 apples"),                               # numbers as digits
+    ("one hundred and five", "105"),
+    ("1,250 people", "1250 people"),                                 # thousands separator
+    ("007", "7"),
+    ("room 42b", "room 42 b"),
+    ("Forty-two", "42"),                                             # spelled and digit forms agree
+    ("(laughs) hello [noise]", "hello"),                             # bracketed words are not speech
+    ("um, I think uh", "i think"),                                   # fillers
+    ("colour", "color"),                                             # British spelling
     ("", ""),
     ("?!", ""),
 ])
@@ -32,11 +33,7 @@ def test_normalize_text(raw, expected):
 
 
 def test_normalize_digits_equal_spelled():
-    assert normalize_text("It's 42, isn't it?") == normalize_text("its forty-two isnt it")
-
-
-def test_normalization_is_documented():
-    assert isinstance(NORMALIZATION, str) and NORMALIZATION.endswith(".")  # one sentence, goes into reports
+    assert normalize_text("It's 42, isn't it?") == normalize_text("it is forty-two, is not it")
 
 
 def test_corpus_wer_hand_computed():
@@ -57,7 +54,7 @@ def test_corpus_wer_hand_computed():
 
 
 def test_corpus_wer_normalises_and_handles_empty_hypothesis():
-    r = corpus_wer(["Don't stop at 42!", "hello there"], ["dont stop at forty-two", ""])
+    r = corpus_wer(["Don't stop at 42!", "hello there"], ["do not stop at forty-two", ""])
     assert r["per_utterance"] == [(0, 5), (2, 2)]
     assert r["deletions"] == 2
     assert r["wer"] == pytest.approx(2 / 7)
@@ -65,7 +62,7 @@ def test_corpus_wer_normalises_and_handles_empty_hypothesis():
 
 def test_corpus_wer_empty_reference():
     with pytest.raises(ValueError, match="reference 1 is empty"):
-        corpus_wer(["fine", " ... "], ["fine", "something"])
+        corpus_wer(["fine", " (noise) "], ["fine", "something"])  # a bracketed word is not speech
     with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
         corpus_wer(["a", "b"], ["a"])
 
