@@ -4,7 +4,7 @@ loses) and of its resynthesis from 1, 2, 4 and all layers.
 
     python data/measure_codec.py data/toy_corpus/test_seen.jsonl data/toy/codec.pt --limit 150 --out seen.json
 
-WER is corpus-level on normalised text (eval.NORMALIZATION). SIM is the cosine of Resemblyzer embeddings
+WER is corpus-level on normalised text (metrics.NORMALIZATION). SIM is the cosine of Resemblyzer embeddings
 between the audio and a *different* original utterance of the same speaker (the prompt-style SIM used in
 evaluation), and, for resynthesis, also against its own original. "chance" scores the original audio's
 transcripts against a shuffled list of references: the WER of speech that says the wrong sentence.
@@ -22,7 +22,7 @@ from tqdm import tqdm
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 from codec import MelRVQCodec  # noqa: E402
-from eval import corpus_wer, cosine, load_asr, load_speaker_encoder, speaker_embedding, transcribe  # noqa: E402
+from metrics import corpus_wer, cosine, load_asr, load_speaker_encoder, speaker_embedding, transcribe  # noqa: E402
 from tokenize_corpus import read_manifest  # noqa: E402
 
 

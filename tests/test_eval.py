@@ -399,13 +399,13 @@ def test_an_utterance_the_judges_cannot_score_counts_as_all_deletions_and_a_miss
 
 
 def test_a_new_normaliser_rescores_from_cached_transcripts_without_asr(tiny, fakes, tmp_path, monkeypatch):
-    import eval as ev
+    import metrics
     first = fake_eval(tiny, tmp_path)
     calls = len(fakes["asr"].calls), len(fakes["embedded"])
     assert calls == (4 * 6 - 1, 6 + 4 * 6 - 1)  # 4 systems and the prompts; one utterance does not decode
     # Every word becomes "x": the edit distance is then the difference in word counts (hand formula below).
-    normalize = ev.normalize_text
-    monkeypatch.setattr(ev, "normalize_text", lambda s: " ".join("x" for _ in normalize(s).split()))
+    normalize = metrics.normalize_text  # corpus_wer's
+    monkeypatch.setattr(metrics, "normalize_text", lambda s: " ".join("x" for _ in normalize(s).split()))
     second = fake_eval(tiny, tmp_path)
     assert (len(fakes["asr"].calls), len(fakes["embedded"])) == calls  # nothing transcribed or embedded again
     words = np.array([t["ref_words"] for t in first["test"]])

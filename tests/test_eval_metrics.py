@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from eval import corpus_wer, normalize_text
+from metrics import corpus_wer, normalize_text
 
 
 # Whisper's English normaliser (whisper-normalizer), checked for what WER relies on. Before it, a hand-written
@@ -95,7 +95,7 @@ def speak(tmp_path_factory):
 @requires_models
 @requires_espeak
 def test_asr_transcribes_espeak(speak):
-    from eval import load_asr, transcribe
+    from metrics import load_asr, transcribe
 
     hyp = transcribe(load_asr(), *speak(SENTENCE, "en-us"))
     assert corpus_wer([SENTENCE], [hyp])["wer"] < 0.5, hyp
@@ -104,7 +104,7 @@ def test_asr_transcribes_espeak(speak):
 @requires_models
 @requires_espeak
 def test_speaker_similarity_espeak_voices(speak):
-    from eval import cosine, load_speaker_encoder, speaker_embedding
+    from metrics import cosine, load_speaker_encoder, speaker_embedding
 
     enc = load_speaker_encoder()
     f2_a = speaker_embedding(enc, *speak(SENTENCE, "en-us+f2"))
