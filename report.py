@@ -1,5 +1,5 @@
 """The evaluation's run directory, from its numbers (eval.py measures them): report.json, report.md,
-PNG plots, WAV samples and report.html, a listening page that opens from the file system.
+PNG plots and WAV samples.
 
     write_report(out, report, codec, samples, gap_features, checkpoints)
 """
