@@ -18,7 +18,7 @@ import soundfile as sf
 import torch
 
 import synthesize
-from codec import codec_info, load_codec, load_corpus
+from codec import ENCODEC_FILE, EncodecCodec, codec_info, load_codec, load_corpus
 from speechalign import AR, NAR, LMConfig, TextTokenizer, load_model, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,22 +29,30 @@ SENTENCE = "the cat sat in the sun"
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt-get install espeak-ng)")
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """Tiny AR and NAR checkpoints for the toy codec (trained with 3 s prompts), a prompt WAV (a test_seen
-    utterance of 4.4 s, decoded by the codec), a 1 s prompt, and an AR that claims another codec."""
-    d = tmp_path_factory.mktemp("models")
-    codec = load_codec(str(CODEC))
+def save_models(d, codec, max_audio):
+    """Tiny untrained AR and NAR checkpoints d/ar.pt, d/nar.pt for `codec`, trained (say their args) with 3 s
+    prompts; their vocabulary is SENTENCE's phonemes."""
     tok = TextTokenizer.build([synthesize.phonemise(SENTENCE)])
     cfg = LMConfig(n_text=len(tok.symbols), card=codec.card, d_model=16, n_layer=1, n_head=2, max_text=64,
-                   max_audio=400)
+                   max_audio=max_audio)
     common = dict(config=asdict(cfg), step=0, tokenizer={"symbols": tok.symbols, "kind": tok.kind},
                   codec=codec_info(codec), args={"prompt_seconds": 3.0})
     torch.manual_seed(0)
     save_checkpoint(str(d / "ar.pt"), kind="ar", model=AR(cfg).state_dict(), **common)
     save_checkpoint(str(d / "nar.pt"), kind="nar", model=NAR(cfg).state_dict(), **common)
+    return common
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Tiny models for the toy codec, an AR that claims another codec, a prompt WAV (a test_seen utterance of
+    4.4 s, decoded by the codec) and a 1 s prompt."""
+    d = tmp_path_factory.mktemp("models")
+    codec = load_codec(str(CODEC))
+    common = save_models(d, codec, max_audio=400)
     other = common | {"codec": codec_info(codec) | {"name": "encodec_24khz_6kbps"}}
-    save_checkpoint(str(d / "other_codec_ar.pt"), kind="ar", model=AR(cfg).state_dict(), **other)
+    save_checkpoint(str(d / "other_codec_ar.pt"), kind="ar", model=AR(LMConfig(**common["config"])).state_dict(),
+                    **other)
     corpus = load_corpus(str(REPO / "data/toy/test_seen.pt"))
     wav, sr = codec.decode(corpus["utts"][0])
     sf.write(d / "voice.wav", wav.numpy(), sr)
@@ -106,7 +114,8 @@ def test_unreadable_prompt(files, tmp_path):
 
 
 def test_prompt_shorter_than_the_model_was_trained_with(files, tmp_path):
-    refused(files, tmp_path, r"short\.wav is 1\.00 s; .*ar\.pt was trained with 3 s prompts", prompt=files / "short.wav")
+    refused(files, tmp_path, r"short\.wav is 1\.00 s; .*ar\.pt was trained with 3 s prompts",
+            prompt=files / "short.wav")
 
 
 def test_word_whose_phonemes_the_vocabulary_lacks(files, tmp_path):
@@ -142,6 +151,29 @@ def test_checkpoint_of_the_wrong_kind(files, tmp_path, option, path, match):
 def test_checkpoint_of_another_codec(files, tmp_path):
     refused(files, tmp_path, r"--ar .*other_codec_ar\.pt was trained on codec encodec_24khz_6kbps, but --codec "
             r".*codec\.pt is melrvq16k", ar=files / "other_codec_ar.pt")
+
+
+def test_speaks_with_encodec_and_refuses_the_toy_codec_models(files, tmp_path, monkeypatch):
+    """--codec encodec (a hand-initialised EnCodec where the encodec package looks for the pretrained file, as
+    in test_real_rehearsal): a 24 kHz WAV from models of that codec; the toy codec's models are refused."""
+    encodec = pytest.importorskip("encodec")
+    from test_codec_encodec import init_codebooks
+
+    torch.manual_seed(0)
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(init_codebooks(encodec.EncodecModel.encodec_model_24khz(pretrained=False)).state_dict(),
+               hub / ENCODEC_FILE)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    save_models(tmp_path, EncodecCodec(), max_audio=512)
+    out = tmp_path / "speech.wav"
+    synthesize.main(args(tmp_path, out, codec="encodec", prompt=files / "voice.wav"))
+    wav, sr = sf.read(out, dtype="float32")
+    assert sr == 24000 and len(wav) > 0 and np.isfinite(wav).all()
+    with pytest.raises(SystemExit, match=r"--nar .*nar\.pt was trained on codec melrvq16k.*, but --codec encodec "
+                       r"is encodec_24khz_6kbps"):
+        synthesize.main(args(files, tmp_path / "toy.wav", codec="encodec"))
+    assert not (tmp_path / "toy.wav").exists()
 
 
 def test_several_models_must_be_named(files, tmp_path):
