@@ -1,4 +1,4 @@
-"""Speak a sentence in the voice of a prompt: the AR samples codec layer 1, the NAR fills in the rest, the codec
+r"""Speak a sentence in the voice of a prompt: the AR samples codec layer 1, the NAR fills in the rest, the codec
 decodes it to a WAV.
 
     python synthesize.py --text "the old farmer carried a heavy basket" --prompt voice.wav --out out.wav
