@@ -29,10 +29,10 @@ SENTENCE = "the cat sat in the sun"
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt-get install espeak-ng)")
 
 
-def save_models(d, codec, max_audio):
+def save_models(d, codec, max_audio, kind="phonemes"):
     """Tiny untrained AR and NAR checkpoints d/ar.pt, d/nar.pt for `codec`, trained (say their args) with 3 s
-    prompts; their vocabulary is SENTENCE's phonemes."""
-    tok = TextTokenizer.build([synthesize.phonemise(SENTENCE)])
+    prompts; their vocabulary is SENTENCE's phonemes, or the letters."""
+    tok = TextTokenizer.build([synthesize.phonemise(SENTENCE)] if kind == "phonemes" else [], kind)
     cfg = LMConfig(n_text=len(tok.symbols), card=codec.card, d_model=16, n_layer=1, n_head=2, max_text=64,
                    max_audio=max_audio)
     common = dict(config=asdict(cfg), step=0, tokenizer={"symbols": tok.symbols, "kind": tok.kind},
@@ -127,6 +127,12 @@ def test_word_whose_phonemes_the_vocabulary_lacks(files, tmp_path):
 def test_word_that_espeak_ng_expands_is_still_named(files, tmp_path):
     # "42" is two groups ("forty two"): groups and words no longer pair up, the word is found by itself
     refused(files, tmp_path, r"the word '42' .* phoneme 'f'", text="the cat sat in 42")
+
+
+def test_letters_models_name_the_letter_and_the_word(files, tmp_path):
+    save_models(tmp_path, load_codec(str(CODEC)), max_audio=400, kind="letters")
+    refused(tmp_path, tmp_path, r"the word 'Zoo!' is 'z o o !', whose letter '!' the 29-symbol vocabulary",
+            text="the cat sat in the Zoo!", prompt=files / "voice.wav")
 
 
 @pytest.mark.parametrize("text", ["", "   "])
