@@ -62,6 +62,12 @@ def write_text(path, text):
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def write_wav(path, wav, sr):
+    """16-bit PCM WAV of a float waveform, clamped to [-1, 1] (int16 would wrap a sample past 1 around)."""
+    import soundfile as sf
+    atomic_write(path, lambda tmp: sf.write(tmp, wav.clamp(-1, 1).numpy(), sr, format="WAV", subtype="PCM_16"))
+
+
 def as_mono(wav, sr, target_sr):
     """Check and convert audio to a 1-D float32 tensor at target_sr. Accepts [N] or [C, N] (C channels)."""
     wav = torch.as_tensor(wav)

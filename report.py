@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 
-from codec import atomic_write, decode_codes, write_text
+from codec import atomic_write, decode_codes, write_text, write_wav
 
 
 def pyplot():
@@ -102,11 +102,6 @@ def write_samples(out, codec, samples, ids):
         for k, (codes, upper) in enumerate(zip(res["samples"], uppers)):
             if k not in undecodable:
                 write_wav(os.path.join(out, "samples", name, f"{safe[k]}.wav"), *decode_codes(codec, codes, upper))
-
-
-def write_wav(path, wav, sr):
-    import soundfile as sf
-    atomic_write(path, lambda tmp: sf.write(tmp, wav.numpy(), sr, format="WAV", subtype="PCM_16"))
 
 
 def fmt(x, spec=".3f", ci=None):

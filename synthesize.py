@@ -20,7 +20,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from codec import load_codec, load_pt
+from codec import load_codec, load_pt, write_wav
 from speechalign import SAMPLING, frame_limit, load_model, synthesise
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
@@ -129,18 +129,6 @@ def word_of(symbol, i, words, groups):
         if symbol in (said := phonemise(w).split()):
             return w, said
     return " ".join(groups[i]), groups[i]
-
-
-def write_wav(path, wav, sr):
-    """Atomic: a temporary file beside it, then a rename, so an interrupted run leaves no half-written WAV."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.wav"
-    try:
-        sf.write(tmp, wav.clamp(-1, 1).numpy(), sr, subtype="PCM_16")  # int16 would wrap a sample past 1
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def main(argv=None):
