@@ -803,8 +803,9 @@ def dpo_step(policy, opt, pairs, batch, ref, a):
 
 def sft_step(policy, opt, examples, a):
     """The control's step: the mean per-token NLL of the golden codes (lm_loss)."""
-    with autocast(a.precision, policy.head.weight.device):
-        loss = lm_loss(policy, policy.batch(examples, device=policy.head.weight.device))
+    dev = policy.head.weight.device
+    with autocast(a.precision, dev):
+        loss = lm_loss(policy, policy.batch(examples, device=dev))
     return optimizer_step(policy, opt, loss, a.grad_clip)
 
 
