@@ -308,10 +308,13 @@ def bench_dpo(args):
 
 def train_flops(model, b):
     """FLOPs of one training step, PaLM's count (as nanoGPT's estimate_mfu): per token, 6 per weight of every
-    matmul (2 forward, 4 backward) and 12 * n_layer * d_model * T for attention scores and mixing."""
-    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    matmul (2 forward, 4 backward) and 12 * n_layer * d_model * T for attention scores and mixing. The output
+    head counts at the scored tokens alone: lm_loss runs it nowhere else."""
+    head = model.head.weight.numel()
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)) - head
     B, T = b["valid"].shape
-    return B * T * (6 * n + 12 * model.cfg.n_layer * model.cfg.d_model * T)
+    scored = int((b["targets"] != -100).sum())
+    return B * T * (6 * n + 12 * model.cfg.n_layer * model.cfg.d_model * T) + 6 * head * scored
 
 
 def bench_mfu(args):
