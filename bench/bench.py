@@ -326,7 +326,8 @@ def bench_mfu(args):
         return
     ours, opt, b = train_setup(args)
     flops = train_flops(ours, b)
-    s = race({"ours (train_step)": lambda: train_step(ours, opt, b, autocast(args.precision, args.device), 1.0)}, args)["ours (train_step)"]
+    step = lambda: train_step(ours, opt, b, autocast(args.precision, args.device), 1.0)
+    s = race({"ours (train_step)": step}, args)["ours (train_step)"]
     r = median_row(s, system=f"AR {args.n_layer} x {args.d_model}, {args.card} codes", precision=args.precision,
                    tokens=b["valid"].numel(), tflops_per_step=flops / 1e12, peak_tflops=peak)
     r["tokens_per_s"] = r["tokens"] / r["median_s"]
