@@ -249,13 +249,13 @@ class Lookup:
 
 
 def live_reference(reference, pairs, idx, device):
-    """Stands in for the precomputed {side: log-probs} that train_round reads as ref[side][take]: it runs the
+    """Stands in for the precomputed {side: log-probs} that dpo_step reads as ref[side][batch]: it runs the
     frozen reference on those pairs then, after the policy's forward (the order of TRL's DPOTrainer when it does
     not precompute)."""
     @torch.no_grad()
-    def logps(side, take):
-        return ar_logps(reference, pair_examples(pairs, [idx[t] for t in take], side), device)[0]
-    return Lookup(lambda side: Lookup(lambda take: logps(side, take)))
+    def logps(side, batch):  # batch: rows of the round's pairs, i.e. positions in idx
+        return ar_logps(reference, pair_examples(pairs, [idx[r] for r in batch], side), device)[0]
+    return Lookup(lambda side: Lookup(lambda batch: logps(side, batch)))
 
 
 def bench_dpo(args):
