@@ -59,7 +59,8 @@ def test_smoke_preset_runs_end_to_end_and_a_rerun_redoes_nothing(tmp_path):
 
 
 @pytest.mark.skipif(not (shutil.which("flite") and shutil.which("espeak-ng") and shutil.which("text2wave")),
-                    reason="needs flite, espeak-ng and festival (apt-get install flite espeak-ng festival festvox-kdlpc16k)")
+                    reason="needs flite, espeak-ng and festival "
+                           "(apt-get install flite espeak-ng festival festvox-kdlpc16k)")
 def test_smoke_preset_from_scratch(tmp_path):
     """Corpus synthesis, codec fit, tokenisation and pretraining, then the same pipeline on what they made."""
     out = tmp_path / "scratch"
