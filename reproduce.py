@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 from eval import write_text
@@ -39,7 +38,8 @@ PRESETS = {
         nar=["--d_model", "256", "--n_layer", "4", "--n_head", "4", "--steps", "2500", "--warmup", "300",
              "--eval_every", "500", "--eval_utts", "64", "--snapshot_every", "500", "--precision", "bf16"]),
     "smoke": dict(
-        align=["--n_utts", "6", "--k", "1", "--steps", "2", "--batch_size", "3", "--warmup", "1", "--sample_batch", "8"],
+        align=["--n_utts", "6", "--k", "1", "--steps", "2", "--batch_size", "3", "--warmup", "1",
+               "--sample_batch", "8"],
         eval=["--n_seen", "3", "--n_unseen", "3", "--seconds_per_token", "0.04", "--n_samples", "1", "--n_boot", "200"],
         corpus=["--train_per_speaker", "30", "--test_per_speaker", "2", "--unseen_per_speaker", "2",
                 "--dev_per_speaker", "1", "--dev_unseen_per_speaker", "1", "--dev_oog", "6"],
@@ -51,50 +51,41 @@ PRESETS = {
              "--eval_every", "1000", "--eval_utts", "4"]),
 }
 SHIPPED = dict(ar="data/toy/sft_ar.pt", nar="data/toy/sft_nar.pt", codec="data/toy/codec.pt",
-               train="data/toy/train_subset.pt", test_seen="data/toy/test_seen.pt", test_unseen="data/toy/test_unseen.pt")
+               train="data/toy/train_subset.pt", test_seen="data/toy/test_seen.pt",
+               test_unseen="data/toy/test_unseen.pt")
 
 
-def schedule(tasks, timings, workers=2):
-    """Run tasks [(name, script args, names of the tasks it needs)] as subprocesses on `workers` lanes: a free
-    lane starts the first task in list order whose needs are done. Lane w draws its progress bars on terminal
-    line w (tqdm reads TQDM_*; an empty TQDM_LEAVE clears a finished bar there). If a task fails, the others
-    are stopped; everything finished is kept for the next run."""
-    done, started, running, failed = set(), set(), {}, []
-    cond = threading.Condition()
-
-    def lane(w):
-        while True:
-            with cond:
-                while not failed and (ready := [t for t in tasks if t[0] not in started and set(t[2]) <= done]) == [] \
-                        and len(started) < len(tasks):
-                    cond.wait()
-                if failed or not ready:
-                    return
-                name, cmd, _ = ready[0]
-                started.add(name)
-                print(f"\n== {name}: {' '.join(cmd)}", flush=True)
-                env = os.environ | ({"TQDM_POSITION": str(w), "TQDM_LEAVE": ""} if w else {})
-                t0, running[name] = time.time(), subprocess.Popen([PY, *cmd], env=env)
-            code = running[name].wait()
-            with cond:
-                del running[name]
-                if code:
-                    failed.append(f"{name} (exit {code})")
-                    for proc in running.values():
-                        proc.terminate()
-                else:
-                    done.add(name)
-                    timings[name] = round(time.time() - t0, 1)
-                    print(f"== {name}: done in {timings[name] / 60:.1f} min", flush=True)
-                cond.notify_all()
-
-    lanes = [threading.Thread(target=lane, args=(w,)) for w in range(workers)]
-    for t in lanes:
-        t.start()
-    for t in lanes:
-        t.join()
-    if failed:
-        sys.exit(f"stage {failed[0]} failed; fix the cause and re-run: finished work is kept")
+def schedule(tasks, timings, lanes=2):
+    """Run tasks [(name, script args, names of the tasks it needs)] as subprocesses, at most `lanes` at a
+    time (one per core): a free lane starts the first task in list order whose needs are done. Lane w draws
+    its progress bars on terminal line w (tqdm reads TQDM_*; an empty TQDM_LEAVE clears a finished bar
+    there). If a task fails, the others are stopped; everything finished is kept for the next run."""
+    waiting, done, running = list(tasks), set(), {}  # running: lane -> (name, process, start time)
+    while waiting or running:
+        for w in sorted(set(range(lanes)) - set(running)):
+            ready = [t for t in waiting if set(t[2]) <= done]
+            if not ready:
+                break
+            waiting.remove(ready[0])
+            name, cmd, _ = ready[0]
+            print(f"\n== {name}: {' '.join(cmd)}", flush=True)
+            env = os.environ | ({"TQDM_POSITION": str(w), "TQDM_LEAVE": ""} if w else {})
+            running[w] = (name, subprocess.Popen([PY, *cmd], env=env), time.time())
+        if not running:
+            sys.exit(f"stages {', '.join(t[0] for t in waiting)} need stages that are not in the list")
+        time.sleep(0.5)  # the stages take seconds to hours: polling costs nothing
+        for w, (name, proc, t0) in list(running.items()):
+            if (code := proc.poll()) is None:
+                continue
+            del running[w]
+            if code:
+                for _, other, _ in running.values():
+                    other.terminate()
+                    other.wait()
+                sys.exit(f"stage {name} (exit {code}) failed; fix the cause and re-run: finished work is kept")
+            done.add(name)
+            timings[name] = round(time.time() - t0, 1)
+            print(f"== {name}: done in {timings[name] / 60:.1f} min", flush=True)
 
 
 def from_scratch(out, p, timings):
@@ -122,7 +113,8 @@ def from_scratch(out, p, timings):
         if not os.path.exists(files[model]):
             os.makedirs(os.path.dirname(ckpt), exist_ok=True)
             cmd = ["train_codec_lm.py", "--model", model, "--out", ckpt, "--train", files["full"], "--val",
-                   files["test_seen"], "--export", files[model], *p[model]] + (["--resume"] if os.path.exists(ckpt) else [])
+                   files["test_seen"], "--export", files[model], *p[model]]
+            cmd += ["--resume"] if os.path.exists(ckpt) else []
             tasks.append((f"pretrain {model}", cmd, [t[0] for t in tasks if t[0].startswith("tokenise")]))
     schedule(tasks, timings)
     return files
@@ -174,8 +166,8 @@ def main():
     ap.add_argument("--preset", choices=sorted(PRESETS), default="toy")
     ap.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     ap.add_argument("--from_scratch", action="store_true",
-                    help="synthesise the corpus (needs flite, festival and espeak-ng), fit the codec, pretrain AR and NAR "
-                         "(toy preset: ~2.5 h on 2 cores) instead of using data/toy/")
+                    help="synthesise the corpus (needs flite, festival and espeak-ng), fit the codec, pretrain "
+                         "AR and NAR (toy preset: ~2.5 h on 2 cores) instead of using data/toy/")
     args = ap.parse_args()
     out, p = args.out or os.path.join("runs", args.preset), PRESETS[args.preset]
     os.makedirs(out, exist_ok=True)
@@ -188,7 +180,8 @@ def main():
     align = ["speechalign.py", "--init", files["ar"], *data, "--precision", "bf16", "--threads", "1", *p["align"]]
     rounds = align_args(align[1:]).rounds  # as speechalign.py will read the preset's arguments
     ev = ["eval.py", "--nar", files["nar"], "--codec", files["codec"], "--test_seen", files["test_seen"],
-          "--test_unseen", files["test_unseen"], "--nar_precision", "bf16", "--out", os.path.join(out, "eval"), *p["eval"]]
+          "--test_unseen", files["test_unseen"], "--nar_precision", "bf16", "--out", os.path.join(out, "eval"),
+          *p["eval"]]
     sft, control = f"sft={files['ar']}", f"control={out}/control/round{rounds}/ar.pt"
 
     # Two lanes (2 cores): the DPO rounds in one, the control and the baselines' evaluation in the other; then
@@ -196,13 +189,14 @@ def main():
     # control_round1 against round1 is the equal-budget comparison after one round; control against round3 after all
     controls = [f"control_round1={out}/control/round1/ar.pt", control]
     systems = [f"round{t}={out}/align/round{t}/ar.pt" for t in range(1, rounds + 1)] + controls
-    score = [(f"score {s.split('=')[0]}", [*ev, "--score_only", "--ar", s], ["control" if s in controls else "DPO rounds"])
-             for s in controls + systems[:rounds]]
+    score = [(f"score {s.split('=')[0]}", [*ev, "--score_only", "--ar", s],
+              ["control" if s in controls else "DPO rounds"]) for s in controls + systems[:rounds]]
     schedule([("DPO rounds", [*align, "--out", os.path.join(out, "align")], []),
               ("control", [*align, "--control", "--out", os.path.join(out, "control")], []),
               ("eval baselines", [*ev, "--ar", sft], []),
               *score,
-              ("eval", [*ev, *(x for s in [sft] + systems for x in ("--ar", s))], [t[0] for t in score] + ["eval baselines"])],
+              ("eval", [*ev, *(x for s in [sft] + systems for x in ("--ar", s))],
+               [t[0] for t in score] + ["eval baselines"])],
              timings)
     timings["total"] = round(time.time() - t0, 1)
     runs.append(timings)

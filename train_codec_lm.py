@@ -15,68 +15,85 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from codec import load_corpus, load_pt, write_text
-from speechalign import (AR, NAR, LMConfig, TextTokenizer, autocast, check_same, lm_loss, make_examples,
-                         save_checkpoint, too_long)
+from speechalign import (AR, NAR, LMConfig, TextTokenizer, autocast, check_same, dataclass_parser,
+                         lm_loss, make_examples, save_checkpoint, too_long)
+
+
+@dataclass
+class TrainArgs:
+    """Pretraining settings: one --flag each (speechalign.dataclass_parser). All of them are stored in
+    the checkpoint's args, which --resume compares with the run's."""
+    model: str = field(metadata={"help": "which model to train", "choices": ["ar", "nar"]})
+    out: str = field(metadata={"help": "checkpoint path"})
+    train: str = field(default="data/toy_corpus/train.pt", metadata={
+        "help": "tokenised training corpus"})
+    val: str = field(default="data/toy/test_seen.pt", metadata={
+        "help": "tokenised validation corpus"})
+    text: str = field(default="phonemes", metadata={
+        "help": "what the text tokenizer reads", "choices": ["phonemes", "letters"]})
+    prompt_seconds: float = field(default=3.0, metadata={
+        "help": "cross-sentence prompt length (the longest, given --prompt_seconds_min); "
+                "validation uses it"})
+    prompt_seconds_min: float = field(default=None, metadata={
+        "help": "draw each training example's prompt length uniformly from [this, "
+                "--prompt_seconds], afresh each epoch (VALL-E-style), so the AR does not learn one "
+                "prompt length. Default: --prompt_seconds, a fixed length"})
+    short_first: bool = field(default=False, metadata={
+        "help": "curriculum: the first epoch's batches go from the shortest targets to the longest",
+        "action": "store_true"})
+    d_model: int = field(default=256, metadata={"help": "transformer width"})
+    n_layer: int = field(default=6, metadata={"help": "transformer blocks"})
+    n_head: int = field(default=4, metadata={"help": "attention heads"})
+    dropout: float = field(default=0.1, metadata={"help": "residual and MLP dropout"})
+    max_text: int = field(default=256, metadata={
+        "help": "text positions: longer texts are skipped"})
+    max_audio: int = field(default=1024, metadata={
+        "help": "audio positions, in frames: utterances whose prompt + target + EOS is longer are "
+                "skipped (at 75 Hz, a 3 s prompt and a 20 s utterance need 1726)"})
+    batch_size: int = field(default=16, metadata={
+        "help": "examples per step (over all processes)"})
+    steps: int = field(default=20000, metadata={"help": "optimizer steps"})
+    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    min_lr: float = field(default=1e-4, metadata={"help": "learning rate at the end of the cosine"})
+    warmup: int = field(default=500, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
+    eval_every: int = field(default=500, metadata={"help": "steps between validation losses"})
+    eval_utts: int = field(default=128, metadata={"help": "validation utterances"})
+    ckpt_every: int = field(default=250, metadata={"help": "steps between checkpoints"})
+    snapshot_every: int = field(default=0, metadata={
+        "help": "also keep the weights every N steps as <out>.stepN.pt (for a curve of WER "
+                "against steps)"})
+    precision: str = field(default="auto", metadata={
+        "help": "auto: bf16 autocast on CUDA, fp32 on the CPU; master weights and log-probs stay "
+                "fp32 either way", "choices": ["auto", "fp32", "bf16"]})
+    seed: int = field(default=0, metadata={"help": "seeds the model, the batches and the prompts"})
+    threads: int = field(default=1, metadata={"help": "CPU threads per process"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the checkpoint at --out", "action": "store_true"})
+    export: str = field(default=None, metadata={
+        "help": "when the run has reached --steps, also write the shipped form to PATH: the "
+                "weights in bf16, no optimizer (half the size; data/toy/sft_{ar,nar}.pt are made "
+                "so)", "metavar": "PATH"})
+    stop_after: int = field(default=None, metadata={"help": "exit after this step (for tests)"})
 
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["ar", "nar"], required=True)
-    ap.add_argument("--out", required=True, help="checkpoint path")
-    ap.add_argument("--train", default="data/toy_corpus/train.pt", help="tokenised training corpus")
-    ap.add_argument("--val", default="data/toy/test_seen.pt", help="tokenised validation corpus")
-    ap.add_argument("--text", choices=["phonemes", "letters"], default="phonemes")
-    ap.add_argument("--prompt_seconds", type=float, default=3.0,
-                    help="cross-sentence prompt length (the longest, given --prompt_seconds_min); validation uses it")
-    ap.add_argument("--prompt_seconds_min", type=float, default=None,
-                    help="draw each training example's prompt length uniformly from [this, --prompt_seconds], "
-                         "afresh each epoch (VALL-E-style), so the AR does not learn one prompt length. Default: "
-                         "--prompt_seconds, a fixed length")
-    ap.add_argument("--short_first", action="store_true",
-                    help="curriculum: the first epoch's batches go from the shortest targets to the longest")
-    ap.add_argument("--d_model", type=int, default=256)
-    ap.add_argument("--n_layer", type=int, default=6)
-    ap.add_argument("--n_head", type=int, default=4)
-    ap.add_argument("--dropout", type=float, default=0.1)
-    ap.add_argument("--max_text", type=int, default=256, help="text positions: longer texts are skipped")
-    ap.add_argument("--max_audio", type=int, default=1024,
-                    help="audio positions, in frames: utterances whose prompt + target + EOS is longer are skipped "
-                         "(at 75 Hz, a 3 s prompt and a 20 s utterance need 1726)")
-    ap.add_argument("--batch_size", type=int, default=16, help="examples per step (over all processes)")
-    ap.add_argument("--steps", type=int, default=20000)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--min_lr", type=float, default=1e-4)
-    ap.add_argument("--warmup", type=int, default=500)
-    ap.add_argument("--weight_decay", type=float, default=0.01)
-    ap.add_argument("--grad_clip", type=float, default=1.0)
-    ap.add_argument("--eval_every", type=int, default=500)
-    ap.add_argument("--eval_utts", type=int, default=128)
-    ap.add_argument("--ckpt_every", type=int, default=250)
-    ap.add_argument("--snapshot_every", type=int, default=0,
-                    help="also keep the weights every N steps as <out>.stepN.pt (for a curve of WER against steps)")
-    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                    help="auto: bf16 autocast on CUDA, fp32 on the CPU. bf16 on a CPU with AVX512-BF16 ran the "
-                         "toy AR step 1.8x faster here; master weights and log-probs stay fp32 either way")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="CPU threads per process")
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--export", metavar="PATH", default=None,
-                    help="when the run has reached --steps, also write the shipped form to PATH: the weights in bf16, "
-                         "no optimizer (half the size; data/toy/sft_{ar,nar}.pt are made so)")
-    ap.add_argument("--stop_after", type=int, default=None, help="exit after this step (for tests)")
-    args = ap.parse_args(argv)
+    ap = dataclass_parser(TrainArgs, description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    args = TrainArgs(**vars(ap.parse_args(argv)))
     if args.prompt_seconds_min is None:
-        args.prompt_seconds_min = args.prompt_seconds  # the checkpoint's args say which lengths were drawn
+        args.prompt_seconds_min = args.prompt_seconds  # the checkpoint's args say which were drawn
     elif not 0 < args.prompt_seconds_min <= args.prompt_seconds:
-        ap.error(f"--prompt_seconds_min {args.prompt_seconds_min:g} must be > 0 and <= --prompt_seconds "
-                 f"{args.prompt_seconds:g}")
+        ap.error(f"--prompt_seconds_min {args.prompt_seconds_min:g} must be > 0 and <= "
+                 f"--prompt_seconds {args.prompt_seconds:g}")
     return args
 
 
@@ -283,7 +300,7 @@ def main(argv=None):
 
     def checkpoint(path=args.out, full=True, dtype=None):
         weights = {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in model.state_dict().items()}
-        state = dict(kind=args.model, config=asdict(cfg), step=step, model=weights, args=vars(args),
+        state = dict(kind=args.model, config=asdict(cfg), step=step, model=weights, args=asdict(args),
                      tokenizer={"symbols": tok.symbols, "kind": tok.kind}, codec=train["codec"])
         if full:  # what --resume needs on top of the weights
             state |= dict(optimizer=opt.state_dict(), rng=torch.get_rng_state(),

@@ -249,13 +249,13 @@ class Lookup:
 
 
 def live_reference(reference, pairs, idx, device):
-    """Stands in for the precomputed {side: log-probs} that train_round reads as ref[side][take]: it runs the
+    """Stands in for the precomputed {side: log-probs} that dpo_step reads as ref[side][batch]: it runs the
     frozen reference on those pairs then, after the policy's forward (the order of TRL's DPOTrainer when it does
     not precompute)."""
     @torch.no_grad()
-    def logps(side, take):
-        return ar_logps(reference, pair_examples(pairs, [idx[t] for t in take], side), device)[0]
-    return Lookup(lambda side: Lookup(lambda take: logps(side, take)))
+    def logps(side, batch):  # batch: rows of the round's pairs, i.e. positions in idx
+        return ar_logps(reference, pair_examples(pairs, [idx[r] for r in batch], side), device)[0]
+    return Lookup(lambda side: Lookup(lambda batch: logps(side, batch)))
 
 
 def bench_dpo(args):
@@ -308,10 +308,13 @@ def bench_dpo(args):
 
 def train_flops(model, b):
     """FLOPs of one training step, PaLM's count (as nanoGPT's estimate_mfu): per token, 6 per weight of every
-    matmul (2 forward, 4 backward) and 12 * n_layer * d_model * T for attention scores and mixing."""
-    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    matmul (2 forward, 4 backward) and 12 * n_layer * d_model * T for attention scores and mixing. The output
+    head counts at the scored tokens alone: lm_loss runs it nowhere else."""
+    head = model.head.weight.numel()
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)) - head
     B, T = b["valid"].shape
-    return B * T * (6 * n + 12 * model.cfg.n_layer * model.cfg.d_model * T)
+    scored = int((b["targets"] != -100).sum())
+    return B * T * (6 * n + 12 * model.cfg.n_layer * model.cfg.d_model * T) + 6 * head * scored
 
 
 def bench_mfu(args):
@@ -323,7 +326,8 @@ def bench_mfu(args):
         return
     ours, opt, b = train_setup(args)
     flops = train_flops(ours, b)
-    s = race({"ours (train_step)": lambda: train_step(ours, opt, b, autocast(args.precision, args.device), 1.0)}, args)["ours (train_step)"]
+    step = lambda: train_step(ours, opt, b, autocast(args.precision, args.device), 1.0)
+    s = race({"ours (train_step)": step}, args)["ours (train_step)"]
     r = median_row(s, system=f"AR {args.n_layer} x {args.d_model}, {args.card} codes", precision=args.precision,
                    tokens=b["valid"].numel(), tflops_per_step=flops / 1e12, peak_tflops=peak)
     r["tokens_per_s"] = r["tokens"] / r["median_s"]

@@ -311,6 +311,30 @@ def test_lm_loss_is_mean_over_scored_positions_by_hand():
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_lm_loss_runs_the_head_at_scored_positions_alone_with_the_full_heads_loss_and_gradients():
+    """The output head sees one row per scored token (not B x T); the loss and every gradient are
+    those of float64 cross-entropy over the full head's logits with ignore_index (AR and NAR)."""
+    torch.manual_seed(0)
+    sizes = [(3, 4, 5), (6, 2, 7), (2, 3, 1)]
+    for model in (AR(cfg(dropout=0.0)), NAR(cfg(dropout=0.0))):
+        is_ar = isinstance(model, AR)
+        b = model.batch(examples(sizes)) if is_ar else model.batch(examples(sizes), 2)
+        rows = []
+        head = model.head if is_ar else model.heads[1]
+        hook = head.register_forward_hook(lambda m, inputs, out: rows.append(inputs[0].shape))
+        loss = lm_loss(model, b)
+        hook.remove()
+        assert rows == [(int((b["targets"] != -100).sum()), 32)]
+        params = [p for p in model.parameters()]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        full = F.cross_entropy(model(**b).double().transpose(1, 2), b["targets"], ignore_index=-100)
+        torch.testing.assert_close(loss.double(), full, rtol=1e-5, atol=1e-6)
+        for g, g_full in zip(grads, torch.autograd.grad(full, params, allow_unused=True)):
+            assert (g is None) == (g_full is None)
+            if g is not None:
+                torch.testing.assert_close(g, g_full, rtol=1e-4, atol=1e-7)
+
+
 def test_positions_beyond_the_tables_raise():
     ar = AR(cfg(max_text=8, max_audio=16)).eval()
     long_text = examples([(9, 2, 3)])  # 9 text tokens > max_text = 8

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,8 @@ def test_smoke_preset_runs_end_to_end_and_a_rerun_redoes_nothing(tmp_path):
 
 
 @pytest.mark.skipif(not (shutil.which("flite") and shutil.which("espeak-ng") and shutil.which("text2wave")),
-                    reason="needs flite, espeak-ng and festival (apt-get install flite espeak-ng festival festvox-kdlpc16k)")
+                    reason="needs flite, espeak-ng and festival "
+                           "(apt-get install flite espeak-ng festival festvox-kdlpc16k)")
 def test_smoke_preset_from_scratch(tmp_path):
     """Corpus synthesis, codec fit, tokenisation and pretraining, then the same pipeline on what they made."""
     out = tmp_path / "scratch"
@@ -100,6 +102,30 @@ def test_the_rounds_are_those_the_preset_asks_speechalign_for(tmp_path, monkeypa
     printed = capsys.readouterr().out
     assert "| round 2 is no worse than round 1" in printed and "WER control - round2" in printed
     assert "round3" not in printed
+
+
+def test_schedule_keeps_both_lanes_busy_in_dependency_order_and_stops_at_a_failure(tmp_path):
+    """Tasks start as soon as a lane is free and their needs are done; a failing one stops the one running
+    beside it and the run exits naming it, without starting what was still waiting."""
+    from reproduce import schedule
+    log = tmp_path / "log"
+
+    def task(name, seconds, needs=(), code=0):  # a stage that notes when it starts and ends
+        note = f"open({str(log)!r}, 'a').write"
+        return (name, ["-c", f"import sys, time; {note}('start_{name} '); time.sleep({seconds}); "
+                             f"{note}('end_{name} '); sys.exit({code})"], list(needs))
+    timings = {}
+    schedule([task("a", 3), task("b", 0.1), task("c", 0.1, ["b"]), task("d", 0.1, ["a", "c"])], timings)
+    ev = log.read_text().split()
+    assert len(ev) == 8 and set(timings) == {"a", "b", "c", "d"}
+    assert ev.index("start_b") < ev.index("end_a") and ev.index("start_c") < ev.index("end_a")  # beside a
+    assert ev.index("start_d") > max(ev.index("end_a"), ev.index("end_c"))
+    log.unlink()
+    t0 = time.time()
+    with pytest.raises(SystemExit, match=r"stage x \(exit 3\) failed"):
+        schedule([task("long", 60), task("x", 0.1, code=3), task("after_x", 0.1, ["x"])], {})
+    assert time.time() - t0 < 30  # "long" was stopped
+    assert sorted(log.read_text().split()) == ["end_x", "start_long", "start_x"]
 
 
 def fake_report(deltas, accs):
