@@ -2,9 +2,9 @@
 
     python data/fit_toy_codec.py data/toy_corpus/train.jsonl data/toy/codec.pt              # ~2 min
     python data/fit_toy_codec.py data/toy_corpus/train.jsonl /tmp/c.pt --card 1024 256 256 256 256 256 256 256 \
-        --no-cmn --probe data/toy_corpus/test_seen.jsonl                                    # compare layouts
+        --no-cmn --probe data/toy_corpus/dev_seen.jsonl                                     # compare layouts
 
-Prints, on --eval_manifest (default: the first 200 lines of test_seen beside the train manifest), the log-mel
+Prints, on --eval_manifest (default: the first 200 lines of dev_seen beside the train manifest), the log-mel
 distance of each prefix of layers (the codes alone, before Griffin-Lim). With --probe it also trains a small
 frame classifier per upper layer j -- inputs: the codes of layers < j in a +-3 frame window plus the speaker,
 roughly what a NAR sees -- and reports its held-out cross-entropy against the layer's code entropy (how much
@@ -108,6 +108,11 @@ def main():
     ap.add_argument("--envelope", type=int, default=0,
                     help="layer 1 picks codes by the first K mel-cosines only (a pitch-free envelope); 0: off")
     ap.add_argument("--fit_utts", type=int, default=3000, help="training utterances used for k-means")
+    ap.add_argument("--extra", default=None, metavar="MANIFEST",
+                    help="fitting-only audio added as it is, e.g. the corpus's codec_fit.jsonl (espeak-ng voices)")
+    ap.add_argument("--tape", type=float, nargs="+", default=[],
+                    help="fitting only: utterance i is also heard played at speed tape[i %% len(tape)] (pitch and "
+                         "formants scale with it), so the codebooks cover more voices than the training speakers")
     ap.add_argument("--eval_manifest", default=None)
     ap.add_argument("--eval_utts", type=int, default=200)
     ap.add_argument("--probe", action="store_true", help="also run the NAR-like predictability probe")
@@ -116,16 +121,22 @@ def main():
     torch.set_num_threads(1)
 
     train = load_audio(args.train_manifest, args.fit_utts, "read train audio")
-    codec = MelRVQCodec.fit([(w, sr) for w, sr, _ in train], card=tuple(args.card), cmn=args.cmn,
+    fit = [(w, sr) for w, sr, _ in train]
+    # a tape played at speed f: the samples are read as if recorded at f * sr (MelRVQCodec resamples)
+    fit += [(w, round(sr * args.tape[i % len(args.tape)])) for i, (w, sr, _) in enumerate(train)] if args.tape else []
+    fit += [(w, sr) for w, sr, _ in load_audio(args.extra, None, "read extra audio")] if args.extra else []
+    codec = MelRVQCodec.fit(fit, card=tuple(args.card), cmn=args.cmn,
                             n_mels=args.n_mels, envelope=args.envelope, seed=args.seed, progress=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     codec.save(args.out)
     print(f"saved {codec.name} to {args.out}")
-    eval_manifest = args.eval_manifest or os.path.join(os.path.dirname(args.train_manifest), "test_seen.jsonl")
+    eval_manifest = args.eval_manifest or os.path.join(os.path.dirname(args.train_manifest), "dev_seen.jsonl")
     test = load_audio(eval_manifest, args.eval_utts, "read eval audio")
     dist = prefix_distances(codec, test)
     print("log-mel distance by layers kept:", " ".join(f"{q + 1}:{d:.3f}" for q, d in enumerate(dist)))
-    result = {"codec": codec.name, "card": args.card, "cmn": args.cmn, "prefix_logmel_dist": dist}
+    result = {"codec": codec.name, "card": args.card, "cmn": args.cmn, "n_mels": args.n_mels, "envelope": args.envelope,
+              "fit_utts": args.fit_utts, "tape": args.tape, "extra": args.extra, "eval_manifest": eval_manifest,
+              "prefix_logmel_dist": dist}
     if args.probe:
         result["probe"] = probe(codec, train[:1500], test)
     with open(os.path.splitext(args.out)[0] + ".layout.json", "w") as f:

@@ -15,6 +15,8 @@ Splits (sentences are distinct across all of them):
     dev_oog      seen speakers, sentences whose content words are all outside the training grammar (OOG)
     test_seen    seen speakers, sentences never in train or dev            report only
     test_unseen  the 2 unseen speakers, sentences never in train or dev
+    codec_fit    espeak-ng voices, used only to fit the toy codec (never to train or test the codec LM): the
+                 codebooks then cover more voices than the six training ones, which the unseen speakers need
 test_unseen is written last. Re-running skips WAVs that already exist, so an interrupted build resumes;
 a WAV's name holds a hash of its voice and text, so a changed grammar or voice never reuses a stale one.
 """
@@ -38,8 +40,8 @@ from codec import atomic_write, write_text  # noqa: E402
 SAMPLE_RATE = 16000
 
 # name -> command that synthesises a text (see synthesise). Seen: three flite voices, each also at a
-# shifted pitch; unseen: one flite and one festival voice. (espeak-ng's voices are gone: Whisper tiny.en
-# misheard ~40% of their words, against 15-22% for these flite voices.)
+# shifted pitch; unseen: one flite and one festival voice. (espeak-ng's voices only help fit the codec:
+# Whisper tiny.en misheard ~40% of their words, against 15-22% for these flite voices.)
 VOICES = {
     "awb": ["flite", "-voice", "awb"],
     "awb_high": ["flite", "-voice", "awb", "--setf", "int_f0_target_mean=170"],  # 150 was too close to awb
@@ -50,6 +52,11 @@ VOICES = {
     "kal16": ["flite", "-voice", "kal16"],
     "ked": ["text2wave", "-eval", "(voice_ked_diphone)"],  # festival, festvox-kdlpc16k
 }
+# Fitting-only voices: espeak-ng's en-us with 20 of its variants (formant synthesis, male and female). The
+# codec fitted on these besides the training voices resynthesises the unseen voices better (data/README.md).
+CODEC_FIT = tuple(f"esp_{v}" for v in "m1 m2 m3 m4 m5 m7 f1 f2 f3 f4 Andy Gene Michael Mike Paul Rob Steph Zac "
+                  "grandpa klatt".split())
+VOICES |= {name: ["espeak-ng", "-v", "en-us+" + name[4:]] for name in CODEC_FIT}
 # Played back slower, like a tape: pitch and formants scale by this factor, duration by its inverse.
 TAPE = {"rms_low": 0.88}
 UNSEEN = ("kal16", "ked")
@@ -422,6 +429,8 @@ def synthesise(job):
             out, cmd = os.path.join(tmp, "out.wav"), VOICES[speaker]
             if cmd[0] == "flite":
                 cmd = cmd + ["-t", text, "-o", out]
+            elif cmd[0] == "espeak-ng":  # 22.05 kHz, resampled below
+                cmd = cmd + ["-w", out, text]
             else:  # festival's text2wave reads a file
                 with open(os.path.join(tmp, "in.txt"), "w") as f:
                     f.write(text + "\n")
@@ -455,7 +464,7 @@ def draw(rng, n, g, taken):
 def make_splits(args):
     """{split: [(speaker, text)]}, deterministic for args.seed. Test sentences are drawn first and dev
     sentences next, so neither depends on the training-set size, and no sentence is in two splits."""
-    seen = [s for s in VOICES if s not in UNSEEN]
+    seen = [s for s in VOICES if s not in UNSEEN + CODEC_FIT]
     rng, taken = random.Random(args.seed), set()
     texts = {"test_seen": draw(rng, args.test_per_speaker * len(seen), W, taken),
              "test_unseen": draw(rng, args.unseen_per_speaker * len(UNSEEN), W, taken),
@@ -463,9 +472,10 @@ def make_splits(args):
              "dev_unseen": draw(rng, args.dev_unseen_per_speaker * len(UNSEEN), W, taken),
              "dev_oog": draw(random.Random(f"oog{args.seed}"), args.dev_oog, OOG, taken)}
     texts["train"] = draw(rng, args.train_per_speaker * len(seen), W, taken)
+    texts["codec_fit"] = draw(rng, args.codec_fit_per_voice * len(CODEC_FIT), W, taken)
     splits = {}
-    for split in ["train", "dev_seen", "dev_unseen", "dev_oog", "test_seen", "test_unseen"]:  # test_unseen last
-        voices = UNSEEN if split.endswith("unseen") else seen
+    for split in ["train", "codec_fit", "dev_seen", "dev_unseen", "dev_oog", "test_seen", "test_unseen"]:
+        voices = UNSEEN if split.endswith("unseen") else CODEC_FIT if split == "codec_fit" else seen
         splits[split] = [(voices[i % len(voices)], text) for i, text in enumerate(texts[split])]
     return splits
 
@@ -479,6 +489,8 @@ def main():
     ap.add_argument("--dev_oog", type=int, default=120, help="dev_oog utterances in all")
     ap.add_argument("--test_per_speaker", type=int, default=60, help="test_seen utterances per seen speaker")
     ap.add_argument("--unseen_per_speaker", type=int, default=200, help="test_unseen utterances per unseen speaker")
+    ap.add_argument("--codec_fit_per_voice", type=int, default=50,
+                    help="codec_fit utterances per espeak-ng voice (fitting-only audio)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     args = ap.parse_args()

@@ -35,7 +35,7 @@ EXPECTED = {
 
 def default_args(**kw):
     args = dict(seed=0, train_per_speaker=3000, dev_per_speaker=40, dev_unseen_per_speaker=100, dev_oog=120,
-                test_per_speaker=60, unseen_per_speaker=200)
+                test_per_speaker=60, unseen_per_speaker=200, codec_fit_per_voice=50)
     return argparse.Namespace(**(args | kw))
 
 
@@ -73,22 +73,22 @@ def test_oog_content_words_are_outside_the_training_grammar():
 
 def test_splits_are_disjoint_deterministic_and_independent_of_train_size(splits):
     texts = {s: [t for _, t in items] for s, items in splits.items()}
-    assert list(splits) == ["train", "dev_seen", "dev_unseen", "dev_oog", "test_seen", "test_unseen"]
-    assert {s: len(t) for s, t in texts.items()} == dict(train=18000, dev_seen=240, dev_unseen=200, dev_oog=120,
-                                                          test_seen=360, test_unseen=400)
+    assert list(splits) == ["train", "codec_fit", "dev_seen", "dev_unseen", "dev_oog", "test_seen", "test_unseen"]
+    assert {s: len(t) for s, t in texts.items()} == dict(train=18000, codec_fit=1000, dev_seen=240, dev_unseen=200,
+                                                          dev_oog=120, test_seen=360, test_unseen=400)
     everything = [t for ts in texts.values() for t in ts]
     assert len(set(everything)) == len(everything)  # no sentence twice, within or across splits
     seen = {"awb", "awb_high", "rms", "rms_low", "slt", "slt_high"}
     for split, items in splits.items():
         speakers = [s for s, _ in items]
-        expected = {"kal16", "ked"} if split.endswith("unseen") else seen
+        expected = {"kal16", "ked"} if split.endswith("unseen") else set(mtc.CODEC_FIT) if split == "codec_fit" else seen
         assert set(speakers) == expected and len(set(speakers.count(s) for s in expected)) == 1  # balanced
     train_vocab = mtc.vocabulary(mtc.W)
     for text in texts["dev_oog"]:
         assert not (set(text.split()) - mtc.function_words()) & train_vocab, text
     assert mtc.make_splits(default_args()) == splits
     small = mtc.make_splits(default_args(train_per_speaker=5))
-    assert all(small[s] == splits[s] for s in splits if s != "train") and len(small["train"]) == 30
+    assert all(small[s] == splits[s] for s in splits if s not in ("train", "codec_fit")) and len(small["train"]) == 30
     assert mtc.make_splits(default_args(seed=1))["test_seen"] != splits["test_seen"]
 
 
