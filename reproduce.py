@@ -2,7 +2,7 @@
 
     python reproduce.py                    # 3 DPO rounds, the control, evaluation, report: 27 min on 2 CPU cores
     python reproduce.py --preset smoke     # the same pipeline at a tiny size, < 2 min (the tests run it)
-    python reproduce.py --from_scratch     # first synthesise the corpus, fit the codec and pretrain (~2.5 h more)
+    python reproduce.py --from_scratch     # first synthesise the corpus, fit the codec and pretrain (hours more)
 
 Every stage is one of the project's scripts, run as a subprocess with its own progress bars; each resumes or
 skips what it finished before (speechalign.py keeps finished rounds, eval.py caches every scored system,
@@ -30,19 +30,23 @@ PRESETS = {
     "toy": dict(
         align=[],  # speechalign.AlignArgs defaults are the toy recipe
         eval=["--n_seen", "200", "--n_unseen", "100"],
-        corpus=["--train_per_speaker", "2700"],
-        codec=[],
+        corpus=[],
+        val="dev_seen",  # pretraining's validation split
+        codec=["--envelope", "24", "--tape", "0.82", "0.9", "1.1", "1.2"],  # + --extra the codec_fit split
         subset=["--limit", "3000"],
-        ar=["--d_model", "256", "--n_layer", "4", "--n_head", "4", "--steps", "4500", "--warmup", "300",
-            "--eval_every", "250", "--snapshot_every", "500", "--precision", "bf16"],
+        ar=["--d_model", "256", "--n_layer", "4", "--n_head", "4", "--steps", "4000", "--warmup", "300",
+            "--eval_every", "500", "--snapshot_every", "1000", "--prompt_seconds_min", "1", "--short_first"],
         nar=["--d_model", "256", "--n_layer", "4", "--n_head", "4", "--steps", "2500", "--warmup", "300",
-             "--eval_every", "500", "--eval_utts", "64", "--snapshot_every", "500", "--precision", "bf16"]),
+             "--eval_every", "500", "--eval_utts", "64", "--snapshot_every", "1000", "--prompt_seconds_min", "1",
+             "--short_first"]),
     "smoke": dict(
         align=["--n_utts", "6", "--k", "1", "--steps", "2", "--batch_size", "3", "--warmup", "1",
                "--sample_batch", "8"],
         eval=["--n_seen", "3", "--n_unseen", "3", "--seconds_per_token", "0.04", "--n_samples", "1", "--n_boot", "200"],
+        val="full",  # its 180 training utterances do not hold every phoneme of the dev sentences
         corpus=["--train_per_speaker", "30", "--test_per_speaker", "2", "--unseen_per_speaker", "2",
-                "--dev_per_speaker", "1", "--dev_unseen_per_speaker", "1", "--dev_oog", "6"],
+                "--dev_per_speaker", "1", "--dev_unseen_per_speaker", "1", "--dev_oog", "6",
+                "--codec_fit_per_voice", "1"],
         codec=["--card", "64", "16", "16", "16", "16", "16", "16", "16", "--eval_utts", "4"],
         subset=["--limit", "18"],
         ar=["--d_model", "32", "--n_layer", "1", "--n_head", "2", "--steps", "4", "--warmup", "1", "--batch_size", "4",
@@ -92,19 +96,19 @@ def from_scratch(out, p, timings):
     """Corpus (flite + espeak-ng) -> codec -> tokenised splits -> AR and NAR pretraining side by side."""
     corpus, data = os.path.join(out, "corpus"), os.path.join(out, "data")
     os.makedirs(data, exist_ok=True)
+    splits = ("dev_seen", "dev_unseen", "dev_oog", "test_seen", "test_unseen")
     files = dict(codec=os.path.join(data, "codec.pt"), train=os.path.join(data, "train_subset.pt"),
-                 full=os.path.join(data, "train.pt"), test_seen=os.path.join(data, "test_seen.pt"),
-                 test_unseen=os.path.join(data, "test_unseen.pt"),
+                 full=os.path.join(data, "train.pt"), **{s: os.path.join(data, f"{s}.pt") for s in splits},
                  ar=os.path.join(out, "sft", "sft_ar.pt"), nar=os.path.join(out, "sft", "sft_nar.pt"))
     tasks = []
     if not os.path.exists(os.path.join(corpus, "test_unseen.jsonl")):  # written last
         tasks.append(("corpus", ["data/make_toy_corpus.py", "--out", corpus, *p["corpus"]], []))
     if not os.path.exists(files["codec"]):
         tasks.append(("codec", ["data/fit_toy_codec.py", os.path.join(corpus, "train.jsonl"), files["codec"],
-                                *p["codec"]], [t[0] for t in tasks]))
+                                "--extra", os.path.join(corpus, "codec_fit.jsonl"), *p["codec"]],
+                      [t[0] for t in tasks]))
     made = [t[0] for t in tasks]
-    for key, split, extra in (("full", "train", []), ("test_seen", "test_seen", []),
-                              ("test_unseen", "test_unseen", []), ("train", "train", p["subset"])):
+    for key, split, extra in (("full", "train", []), *((s, s, []) for s in splits), ("train", "train", p["subset"])):
         if not os.path.exists(files[key]):
             tasks.append((f"tokenise {key}", ["data/tokenize_corpus.py", os.path.join(corpus, f"{split}.jsonl"),
                                               files[key], "--codec", files["codec"], *extra], made))
@@ -113,7 +117,7 @@ def from_scratch(out, p, timings):
         if not os.path.exists(files[model]):
             os.makedirs(os.path.dirname(ckpt), exist_ok=True)
             cmd = ["train_codec_lm.py", "--model", model, "--out", ckpt, "--train", files["full"], "--val",
-                   files["test_seen"], "--export", files[model], *p[model]]
+                   files[p["val"]], "--export", files[model], *p[model]]
             cmd += ["--resume"] if os.path.exists(ckpt) else []
             tasks.append((f"pretrain {model}", cmd, [t[0] for t in tasks if t[0].startswith("tokenise")]))
     schedule(tasks, timings)

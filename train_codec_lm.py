@@ -34,8 +34,8 @@ class TrainArgs:
     out: str = field(metadata={"help": "checkpoint path"})
     train: str = field(default="data/toy_corpus/train.pt", metadata={
         "help": "tokenised training corpus"})
-    val: str = field(default="data/toy/test_seen.pt", metadata={
-        "help": "tokenised validation corpus"})
+    val: str = field(default="data/toy_corpus/dev_seen.pt", metadata={
+        "help": "tokenised validation corpus (a dev split: the test splits only report)"})
     text: str = field(default="phonemes", metadata={
         "help": "what the text tokenizer reads", "choices": ["phonemes", "letters"]})
     prompt_seconds: float = field(default=3.0, metadata={
@@ -73,7 +73,9 @@ class TrainArgs:
                 "against steps)"})
     precision: str = field(default="auto", metadata={
         "help": "auto: bf16 autocast on CUDA, fp32 on the CPU; master weights and log-probs stay "
-                "fp32 either way", "choices": ["auto", "fp32", "bf16"]})
+                "fp32 either way. bf16 on a CPU pays only with native bf16 (AVX512-BF16, AMX); "
+                "without it, it is many times slower (data/README.md)",
+        "choices": ["auto", "fp32", "bf16"]})
     seed: int = field(default=0, metadata={"help": "seeds the model, the batches and the prompts"})
     threads: int = field(default=1, metadata={"help": "CPU threads per process"})
     resume: bool = field(default=False, metadata={
