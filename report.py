@@ -194,8 +194,9 @@ def md_html(md):
         text = re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
         return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
 
-    def row(line, tag):  # the reasons in the tables have their pipes replaced: every | separates cells
-        return "<tr>" + "".join(f"<{tag}>{inline(c.strip())}</{tag}>" for c in line.strip("| ").split("|")) + "</tr>"
+    def row(line, tag):  # the reasons in the tables have their pipes replaced: every inner | separates cells
+        cells = line.strip()[1:-1].split("|")  # an empty first or last cell stays a cell
+        return "<tr>" + "".join(f"<{tag}>{inline(c.strip())}</{tag}>" for c in cells) + "</tr>"
 
     blocks = []
     for block in md.strip().split("\n\n"):

@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from report import markdown, page_utterances, write_page
+from report import markdown, md_html, page_utterances, write_page
 
 SYSTEMS = ("golden", "golden_l1", "golden_l1_nar", "sft", "round1", "control")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -178,3 +178,9 @@ def test_chromium_renders_the_page_from_files(tmp_path):
     img = matplotlib.image.imread(shot)[..., :3]
     background = (img == img[0, 0]).all(axis=-1)
     assert img.shape[:2] == (1600, 1200) and 0.01 < 1 - background.mean() < 0.9  # text and players, on white
+
+
+def test_markdown_tables_keep_empty_cells():
+    (table,) = md_html("| a | b | c |\n|---|---|---|\n|  | `x` **y** |  |")
+    assert table == ("<table><tr><th>a</th><th>b</th><th>c</th></tr>"
+                     "<tr><td></td><td><code>x</code> <b>y</b></td><td></td></tr></table>")
