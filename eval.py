@@ -1,6 +1,6 @@
 """Evaluation of the codec LM (SpeechAlign's tables): generation for a fixed test list, WER, speaker
 similarity (SIM), the distribution gap, paired-bootstrap confidence intervals, and one run directory with
-report.json, report.md, PNG plots and WAV samples.
+report.json, report.md, PNG plots, WAV samples and report.html, a page to listen to them.
 
     python eval.py --ar sft=runs/toy/sft/ar.pt --ar round1=runs/toy/align/round1/ar.pt \
                    --nar runs/toy/sft/nar.pt --out runs/toy/eval [--n_seen 200 --n_unseen 100] [--asr NAME]
@@ -35,7 +35,7 @@ from tqdm import tqdm
 from codec import decode_codes, load_codec, load_corpus, load_pt, write_text
 from metrics import (ASR_DECODING, NORMALIZATION, bootstrap, corpus_rate, corpus_wer, cosine, load_asr,
                      load_speaker_encoder, mean, normalize_text, speaker_embedding, transcribe, wilson)
-from report import write_report
+from report import page_utterances, write_report
 from speechalign import (SAMPLING, ar_logps, load_model, make_examples, sampling_batches, synthesise,
                          too_long)
 
@@ -413,17 +413,20 @@ def main(argv=None):
                 device=device,  # a GPU samples other numbers than the CPU from the same seed
                 format=2)  # entries hold transcripts and embeddings, no errors: earlier ones are not read
     shown = {"n_samples": args.n_samples}  # entries with generated speech keep the codes of that many utterances
+    page = page_utterances(splits)  # and of the listening page's utterances (report.write_page)
 
     # Raw per-utterance measurements, each cached: prompts, golden, golden layer 1 + NAR, then every AR. The
     # prompts are heard through the codec (the toy corpus ships codes, not audio), once for every system.
     prompts = cached(args.out, base | {"what": "prompts"}, lambda: judge(
         judges, [prompt for _, prompt, _ in examples], False, "prompts: embed"))
 
+    def rounded(upper):  # 4 decimals: about float16's precision, and a smaller cache file
+        return [[round(x, 4) for x in row] for row in upper.tolist()]
+
     def score(name, codes, uppers=None):
         out = judge(judges, codes, True, f"{name}: judge", uppers)
-        if uppers is not None:  # 4 decimals: about float16's precision, and a smaller cache file
-            out["samples_upper"] = [[[round(x, 4) for x in row] for row in u.tolist()]
-                                    for u in uppers[:args.n_samples]]
+        if uppers is not None:
+            out["samples_upper"] = [rounded(u) for u in uppers[:args.n_samples]]
         return out | {"samples": [c.tolist() for c in codes[:args.n_samples]]}
 
     tables = codec.tables() if args.nar_decoding == "expected" else None
@@ -435,6 +438,10 @@ def main(argv=None):
         # float16 (rounding ~1e-3 of each value) halves what is pickled to the judges' workers
         uppers = None if tables is None else [u.half() for u in uppers]
         out = score(name, codes, uppers) | {"hit_limit": hit}
+        # the page's clips by utterance id, under the key entries had before the page: an older entry lacks them
+        out["page"] = {ids[i]: codes[i].tolist() for i in page}
+        if uppers is not None:
+            out["page_upper"] = {ids[i]: rounded(uppers[i]) for i in page}
         if ar is not None:
             out |= {"layer1": [c[0].tolist() for c in codes], "golden_nll": golden_nll(ar, examples, args.batch_size)}
         return out
@@ -482,10 +489,21 @@ def main(argv=None):
         test=[dict(id=i, split=sp, ref=r, ref_words=w) for i, sp, r, w in zip(ids, splits, refs, words)])
     layer1 = {"golden": golden_l1} | {n: r["layer1"] for n, r in results.items() if "layer1" in r}
     prompt_samples = [p.tolist() for _, p, _ in examples[:args.n_samples]]
+
+    def clips(res):  # {utterance id: (codes, upper part)}: the n_samples first ones, and the page's if kept
+        codes = dict(zip(ids, res["samples"])) | res.get("page", {})
+        upper = dict(zip(ids, res.get("samples_upper", []))) | res.get("page_upper", {})
+        return {i: (c, upper.get(i)) for i, c in codes.items()}
+
+    page_clips = {"prompt": {ids[i]: (examples[i][1], None) for i in page},  # these three: from the test list
+                  "golden": {ids[i]: (golden_codes[i], None) for i in page},
+                  "golden_l1": {ids[i]: (golden_codes[i][:1], None) for i in page},
+                  **{n: clips(r) for n, r in results.items() if n not in ("golden", "golden_l1")}}
     table = write_report(args.out, report, codec, {"prompt": prompts | {"samples": prompt_samples}, **results},
                          {n: layer1_features(seqs, codec.card[0]).numpy() for n, seqs in layer1.items()},
-                         [args.nar] + [p for _, p in systems], curve_names)
+                         [args.nar] + [p for _, p in systems], page_clips, curve_names)
     print("\n".join(table))
+    print(f"listening page: {os.path.join(args.out, 'report.html')}")
     print(f"report: {os.path.join(args.out, 'report.md')}")
 
 

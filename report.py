@@ -1,12 +1,14 @@
 """The evaluation's run directory, from its numbers (eval.py measures them): report.json, report.md,
-PNG plots and WAV samples.
+PNG plots, WAV samples and report.html, the listening page.
 
-    write_report(out, report, codec, samples, gap_features, checkpoints)
+    write_report(out, report, codec, samples, gap_features, checkpoints, page_clips)
 """
 import glob
+import html
 import json
 import os
 import re
+from urllib.parse import quote
 
 import numpy as np
 
@@ -92,10 +94,15 @@ def plot_curve(path, curve):
     save_fig(fig, path)
 
 
+def safe_name(utt_id):
+    """An utterance id as a file name."""
+    return re.sub(r"[^\w.-]", "_", utt_id)
+
+
 def write_samples(out, codec, samples, ids):
     """out/samples/<system>/<utterance id>.wav for the codes each system's result keeps ("samples", and its
     "samples_upper" with --nar_decoding expected); one that did not decode is left out (the report lists it)."""
-    safe = [re.sub(r"[^\w.-]", "_", i) for i in ids]
+    safe = [safe_name(i) for i in ids]
     for name, res in samples.items():
         undecodable = {f["utt"] for f in res["failures"] if f["stage"] == "decode"}
         uppers = res.get("samples_upper", [None] * len(res["samples"]))
@@ -161,10 +168,102 @@ def markdown(r):
     return "\n".join(lines) + "\n", table
 
 
-def write_report(out, report, codec, samples, gap_features, checkpoints, curve_names=()):
+# ---------------------------------------------------------------------------------------------------------
+# report.html, the listening page: one folder that opens from the file system (inline CSS, relative links to
+# the plots and to its WAVs under listen/, no script, nothing fetched from a network)
+
+CSS = """body{font:14px/1.4 system-ui,sans-serif;max-width:1280px;margin:1em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding:2px 6px;text-align:left}
+th{background:#eee}td{vertical-align:middle}audio{height:30px;width:250px;vertical-align:middle}
+.utt{border-top:2px solid #888;margin-top:1.5em}.text{font-size:1.15em}img{max-width:100%}
+code{background:#f4f4f4}"""
+
+PLOTS = ("metrics.png", "gap_pca.png", "training.png", "curve.png")
+
+
+def page_utterances(splits, per_split=6):
+    """The listening page's utterances, as indices into the test list: the first per_split of each split (seen,
+    then unseen speakers), so that every run on one test list plays the same sentences."""
+    return [i for sp in ("seen", "unseen") for i in [k for k, s in enumerate(splits) if s == sp][:per_split]]
+
+
+def md_html(md):
+    """HTML blocks of the Markdown `markdown` writes: headings, tables, bullet lists and paragraphs, separated by
+    blank lines, with `code` and **bold** inside."""
+    def inline(text):
+        text = re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
+        return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+
+    def row(line, tag):  # the reasons in the tables have their pipes replaced: every inner | separates cells
+        cells = line.strip()[1:-1].split("|")  # an empty first or last cell stays a cell
+        return "<tr>" + "".join(f"<{tag}>{inline(c.strip())}</{tag}>" for c in cells) + "</tr>"
+
+    blocks = []
+    for block in md.strip().split("\n\n"):
+        lines = block.splitlines()
+        if lines[0].startswith("#"):
+            level = len(lines[0]) - len(lines[0].lstrip("#"))
+            blocks.append(f"<h{level}>{inline(lines[0][level:].strip())}</h{level}>")
+        elif lines[0].startswith("|"):  # a header row, the |---| row, the body
+            blocks.append("<table>" + row(lines[0], "th") + "".join(row(x, "td") for x in lines[2:]) + "</table>")
+        elif lines[0].startswith("- "):
+            blocks.append("<ul>" + "".join(f"<li>{inline(x[2:])}</li>" for x in lines) + "</ul>")
+        else:
+            blocks.append(f"<p>{inline(' '.join(lines))}</p>")
+    return blocks
+
+
+def write_page(out, report, codec, clips, md):
+    """out/report.html and its WAVs under out/listen/: report.md's tables (md), the plots, and for each of the
+    page_utterances its text, its prompt and one player per system with that system's transcript, WER and SIM
+    of the utterance. clips: for "prompt" and each system, {utterance id: (codes, upper part or None)}; a clip
+    that is not there (a system scored before the page existed) or that did not decode is shown as such."""
+    S, test = report["systems"], report["test"]
+    undecodable = {(nm, u["id"]) for nm, s in S.items() for u in s["unscored"] if u["stage"] == "decode"}
+    undecodable |= {("prompt", u["id"]) for u in report["prompt_unscored"] if u["stage"] == "decode"}
+
+    def player(name, utt):
+        if (name, utt) in undecodable:
+            return "<i>did not decode</i>"
+        if utt not in clips.get(name, {}):
+            return "<i>not kept (scored before the page existed)</i>"
+        rel = f"listen/{name}/{safe_name(utt)}.wav"
+        write_wav(os.path.join(out, rel), *decode_codes(codec, *clips[name][utt]))
+        return f'<audio controls preload="metadata" src="{quote(rel)}"></audio>'
+
+    utts = []
+    for k in page_utterances([t["split"] for t in test]):
+        t = test[k]
+        utts += [f'<div class="utt"><h3>{html.escape(t["id"])} ({t["split"]} speaker)</h3>',
+                 f'<p class="text">{html.escape(t["ref"])}</p><p>prompt: {player("prompt", t["id"])}</p>',
+                 "<table><tr><th>system</th><th>listen</th><th>transcript</th><th>WER</th><th>SIM</th></tr>"]
+        for name, s in S.items():
+            u = s["per_utterance"][k]
+            hyp = "<i>none</i>" if u["hyp"] is None else html.escape(u["hyp"])
+            wer = u["errors"] / t["ref_words"] if t["ref_words"] else None
+            utts.append(f"<tr><td>{name}</td><td>{player(name, t['id'])}</td><td>{hyp}</td>"
+                        f"<td>{fmt(wer, '.2f')}</td><td>{fmt(u['sim'], '.2f')}</td></tr>")
+        utts.append("</table></div>")
+    blocks = md_html(md)
+    plots = [f'<p><img src="{p}" alt="{p}"></p>' for p in PLOTS if os.path.exists(os.path.join(out, p))]
+    body = [blocks[0], '<p><a href="#listen">listen</a> · <a href="#plots">plots</a> · '
+            '<a href="#details">setup, the gap, the differences</a> · <a href="report.md">report.md</a></p>',
+            blocks[1], '<h2 id="listen">Listen</h2>',
+            "<p>The first utterances of each split of the test list. Each system's clip is the sample its numbers "
+            "were measured on: its transcript by the ASR, its WER on this utterance and its SIM to the prompt "
+            "(the prompt as the codec hears it).</p>",
+            *utts, '<h2 id="plots">Plots</h2>', *plots, '<div id="details">', *blocks[2:], "</div>"]
+    write_text(os.path.join(out, "report.html"), "\n".join(
+        ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+         f"<title>Evaluation report: {report['codec']}</title><style>{CSS}</style></head><body>",
+         *body, "</body></html>"]) + "\n")
+
+
+def write_report(out, report, codec, samples, gap_features, checkpoints, page, curve_names=()):
     """Everything in the run directory `out` but the cache; returns the results table (Markdown lines).
     samples: per system (and "prompt") its result with the codes of its sample utterances (write_samples);
     gap_features: per system its layer-1 feature rows (plot_gap); checkpoints: whose training logs to plot;
+    page: the listening page's clips (write_page);
     curve_names: the systems that are snapshots of one training run, in step order (curve.json, curve.png)."""
     S, chance = report["systems"], report["chance"]
     write_text(os.path.join(out, "report.json"), json.dumps(report, indent=1))
@@ -182,4 +281,5 @@ def write_report(out, report, codec, samples, gap_features, checkpoints, curve_n
     write_samples(out, codec, samples, [t["id"] for t in report["test"]])
     md, table = markdown(report)
     write_text(os.path.join(out, "report.md"), md)
+    write_page(out, report, codec, page, md)
     return table

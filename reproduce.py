@@ -222,6 +222,7 @@ def main():
     write_text(os.path.join(out, "report.md"), "\n".join(md))
     print("\n" + "\n".join(results_table) + "\n\n" + "\n".join(claim_table))
     print(f"\nwall time this run: {timings['total'] / 60:.1f} min")
+    print(f"listening page: {os.path.join(out, 'eval', 'report.html')}")
     print(f"report: {os.path.join(out, 'report.md')}")
 
 

@@ -8,6 +8,7 @@ deltas. The end-to-end run uses tiny AR/NAR checkpoints trained here for a few s
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from codec import MelRVQCodec, load_corpus
 from eval import NORMALIZATION, bootstrap, corpus_rate, corpus_wer, gap_classifier_acc, main, mean, wilson
 from eval import test_set as build_test_set  # under its own name pytest would collect it as a test
+from report import safe_name
 from speechalign import TextTokenizer, load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,6 +224,10 @@ def test_run_directory_files(evaluated):
         assert len(wavs) == 2, system
         wav, sr = sf.read(wavs[0])
         assert sr == 16000 and len(wav) > 0 and np.isfinite(wav).all()
+    # the listening page: the 6 utterances (fewer than 6 per split) with the prompt and every system
+    assert f"listening page: {out / 'report.html'}" in evaluated["stdout"]
+    clips = re.findall(r'<audio [^>]*src="([^"]+)"', (out / "report.html").read_text())
+    assert len(clips) == 6 * 7 and all(sf.read(out / c)[0].size > 0 for c in clips)
     curve = json.loads((out / "curve.json").read_text())
     S = evaluated["report"]["systems"]
     assert curve["steps"] == [5, 10] and curve["wer"] == [S["step5"]["wer"], S["step10"]["wer"]]
@@ -441,6 +447,31 @@ def test_expected_nar_decoding_has_its_own_cache_entries_and_report_field(tiny, 
     assert expected["systems"]["golden"] == argmax["systems"]["golden"]
     n_mels = MelRVQCodec.load(CODEC).n_mels
     calls = fakes["codec"].uppers
-    assert len(calls) == 2 * 6 + 2  # two systems judged on 6 utterances, and their one WAV sample each
+    # two systems judged on 6 utterances, their one WAV sample each, and their 6 clips on the page
+    assert len(calls) == 2 * 6 + 2 + 2 * 6
     assert all(q == 1 and u.dtype == torch.float32 and u.shape[1] == n_mels for q, u in calls)
     assert "its upper layers decoded from its expected codebook vectors" in (tmp_path / "report.md").read_text()
+
+
+def test_the_page_plays_the_judged_samples_and_reuses_entries_cached_before_it(tiny, fakes, tmp_path):
+    """The page's clip of utterance k is the sample judged as utterance k: FakeCodec's tone, computed here from
+    the layer 1 the cache holds for it. An entry written before the page (no "page" clips, same key) is
+    reused as it is: nothing judged again, and the page plays the n_samples clips it has and says so of the rest."""
+    fakes["codec"].bad = None  # every utterance decodes
+    r = fake_eval(tiny, tmp_path, "--n_samples", 1)
+    entries = [(p, json.loads(p.read_text())) for p in (tmp_path / "cache").iterdir()]
+    (layer1,) = [e["result"]["layer1"] for _, e in entries if e["key"]["what"] == "ar"]
+    for k, t in enumerate(r["test"]):
+        wav, _ = sf.read(tmp_path / "listen" / "sft" / f"{safe_name(t['id'])}.wav")
+        n = np.arange(len(layer1[k]) * 320)
+        assert np.allclose(wav, 0.3 * np.sin(n * (0.01 + np.mean(layer1[k]) / 1e4)), atol=1e-3), k
+    for path, entry in entries:  # as an evaluation before the page left them
+        if entry["result"].pop("page", None) is not None:
+            path.write_text(json.dumps(entry))
+    calls = len(fakes["asr"].calls), len(fakes["embedded"])
+    fake_eval(tiny, tmp_path, "--n_samples", 1)
+    assert (len(fakes["asr"].calls), len(fakes["embedded"])) == calls
+    page = (tmp_path / "report.html").read_text()
+    for system, n in (("prompt", 6), ("golden", 6), ("golden_l1", 6), ("golden_l1_nar", 1), ("sft", 1)):
+        assert len(re.findall(f'<audio [^>]*src="listen/{system}/', page)) == n, system
+    assert page.count("not kept (scored before the page existed)") == 2 * 5
