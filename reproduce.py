@@ -20,10 +20,15 @@ import subprocess
 import sys
 import time
 
+import torch
+
 from eval import write_text
 from speechalign import parse_args as align_args
 
 PY = sys.executable
+# DPO and the NAR run under bf16 autocast where the CPU computes bf16 natively (AVX512-BF16 or AMX: about
+# 2x faster than fp32); on other CPUs bf16 is emulated and many times slower than fp32 (data/README.md).
+PRECISION = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 # What differs between the presets; everything else is each script's default (AlignArgs: the toy recipe).
 PRESETS = {
@@ -171,7 +176,7 @@ def main():
     ap.add_argument("--out", default=None, help="run directory (default runs/<preset>)")
     ap.add_argument("--from_scratch", action="store_true",
                     help="synthesise the corpus (needs flite, festival and espeak-ng), fit the codec, pretrain "
-                         "AR and NAR (toy preset: ~2.5 h on 2 cores) instead of using data/toy/")
+                         "AR and NAR (toy preset: hours on 2 cores; README.md) instead of using data/toy/")
     args = ap.parse_args()
     out, p = args.out or os.path.join("runs", args.preset), PRESETS[args.preset]
     os.makedirs(out, exist_ok=True)
@@ -181,10 +186,10 @@ def main():
     timings, t0 = {}, time.time()
     files = from_scratch(out, p, timings) if args.from_scratch else SHIPPED
     data = ["--train", files["train"]]
-    align = ["speechalign.py", "--init", files["ar"], *data, "--precision", "bf16", "--threads", "1", *p["align"]]
+    align = ["speechalign.py", "--init", files["ar"], *data, "--precision", PRECISION, "--threads", "1", *p["align"]]
     rounds = align_args(align[1:]).rounds  # as speechalign.py will read the preset's arguments
     ev = ["eval.py", "--nar", files["nar"], "--codec", files["codec"], "--test_seen", files["test_seen"],
-          "--test_unseen", files["test_unseen"], "--nar_precision", "bf16", "--out", os.path.join(out, "eval"),
+          "--test_unseen", files["test_unseen"], "--nar_precision", PRECISION, "--out", os.path.join(out, "eval"),
           *p["eval"]]
     sft, control = f"sft={files['ar']}", f"control={out}/control/round{rounds}/ar.pt"
 
