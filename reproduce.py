@@ -11,7 +11,7 @@ Two lanes run side by side, one per core:
     DPO rounds 1..3                  |  control (continued SFT), then eval.py on the baselines + the SFT model
     then each new system is scored (eval.py --score_only) by whichever lane is free
     a last eval.py writes the report from the cache -> the claims checked on its numbers
-The last lines printed are the results table, the claims and the report's path (OUT/report.md).
+The last lines printed are the results table, the claims, the listening page's path and the report's (OUT/report.md).
 """
 import argparse
 import json
@@ -222,7 +222,8 @@ def main():
           f"Wall time of this run: {timings['total'] / 60:.1f} min ({stages}){earlier}.",
           f"Command: `python reproduce.py --preset {args.preset}"
           f"{' --from_scratch' if args.from_scratch else ''} --out {out}`.", "",
-          "Plots: `eval/metrics.png`, `eval/gap_pca.png`, `eval/training.png`; WAVs: `eval/samples/`.", "",
+          "Plots: `eval/metrics.png`, `eval/gap_pca.png`, `eval/training.png`; WAVs: `eval/samples/`; "
+          "a page to listen to them: `eval/report.html`.", "",
           eval_md.replace("# Evaluation report", "## Evaluation")]
     write_text(os.path.join(out, "report.md"), "\n".join(md))
     print("\n" + "\n".join(results_table) + "\n\n" + "\n".join(claim_table))

@@ -33,6 +33,9 @@ def outputs(out):
 def check_run(out, stdout):
     lines = stdout.splitlines()
     assert lines[-1] == f"report: {out / 'report.md'}"
+    assert lines[-2] == f"listening page: {out / 'eval' / 'report.html'}"
+    page = (out / "eval" / "report.html").read_text()  # every system's clip of the first utterance
+    assert all(f'listen/{name}/' in page for name in SYSTEMS) and "listen/prompt/" in page
     report = json.loads((out / "eval" / "report.json").read_text())
     assert list(report["systems"]) == SYSTEMS and report["n_seen"] + report["n_unseen"] == 6
     md = (out / "report.md").read_text()
