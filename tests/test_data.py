@@ -165,10 +165,11 @@ def test_toy_corpus_script_end_to_end(tmp_path):
     and a second run resumes: it rewrites the manifests but no WAV."""
     cmd = [sys.executable, os.path.join(ROOT, "data", "make_toy_corpus.py"), "--out", str(tmp_path),
            "--train_per_speaker", "1", "--test_per_speaker", "1", "--unseen_per_speaker", "1",
-           "--dev_per_speaker", "1", "--dev_unseen_per_speaker", "1", "--dev_oog", "6", "--workers", "1"]
+           "--dev_per_speaker", "1", "--dev_unseen_per_speaker", "1", "--dev_oog", "6", "--codec_fit_per_voice", "1",
+           "--workers", "1"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    names = ["train", "dev_seen", "dev_unseen", "dev_oog", "test_seen", "test_unseen"]
+    names = ["train", "codec_fit", "dev_seen", "dev_unseen", "dev_oog", "test_seen", "test_unseen"]
     split = {s: [json.loads(l) for l in open(tmp_path / f"{s}.jsonl")] for s in names}
     assert len(split["train"]) == 6 and len(split["test_seen"]) == 6 and len(split["test_unseen"]) == 2
     assert len(split["dev_seen"]) == 6 and len(split["dev_unseen"]) == 2 and len(split["dev_oog"]) == 6
@@ -176,6 +177,8 @@ def test_toy_corpus_script_end_to_end(tmp_path):
     assert train_spk == {"awb", "awb_high", "rms", "rms_low", "slt", "slt_high"}
     assert {r["speaker"] for r in split["test_seen"]} == train_spk
     assert {r["speaker"] for r in split["dev_seen"]} == {r["speaker"] for r in split["dev_oog"]} == train_spk
+    assert len(split["codec_fit"]) == 20 and {r["speaker"] for r in split["codec_fit"]} == {
+        f"esp_{v}" for v in "m1 m2 m3 m4 m5 m7 f1 f2 f3 f4 Andy Gene Michael Mike Paul Rob Steph Zac grandpa klatt".split()}
     unseen = {r["speaker"] for r in split["test_unseen"] + split["dev_unseen"]}
     assert unseen == {"kal16", "ked"} and {r["speaker"] for r in split["test_unseen"]} == unseen
     texts = {s: {r["text"] for r in rows} for s, rows in split.items()}
@@ -188,6 +191,6 @@ def test_toy_corpus_script_end_to_end(tmp_path):
         info = sf.info(tmp_path / r["audio"])
         assert info.samplerate == 16000 and info.channels == 1 and 0.5 < info.duration < 8
     wavs = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.wav")}
-    assert len(wavs) == 28
+    assert len(wavs) == 48
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.wav")} == wavs
