@@ -251,9 +251,8 @@ def summarize(results, prompts, refs, ids, splits, golden_l1, card, n_boot, seed
 
     # chance: each golden transcript against another utterance's sentence (a random cycle through the list)
     perm = np.random.default_rng(seed).permutation(len(refs))
-    wrong = [None] * len(refs)
-    for a, b in zip(perm, np.roll(perm, -1)):
-        wrong[a] = refs[b]
+    successor = dict(zip(perm, np.roll(perm, -1)))
+    wrong = [refs[successor[a]] for a in range(len(refs))]
     per_utt = corpus_wer(wrong, [h or "" for h in results["golden"]["hyps"]])["per_utterance"]
     wer, ci = bootstrap(corpus_rate, [e for e, _ in per_utt], [n for _, n in per_utt], **boot)
 
@@ -317,6 +316,8 @@ def get_args(argv=None):
     ap.add_argument("--asr", default=None, help="faster-whisper model name or directory (default: offline tiny.en)")
     ap.add_argument("--seconds_per_token", type=float, default=None,
                     help="AR length limit in seconds of audio per text token (default: speechalign.SAMPLING's)")
+    ap.add_argument("--temperature", type=float, help="AR sampling temperature, 0: greedy (default: SAMPLING's)")
+    ap.add_argument("--top_k", type=int, help="AR top-k sampling, 0: none (default: SAMPLING's)")
     ap.add_argument("--batch_size", type=int, default=32, help="sequences per KV-cache sampling batch")
     ap.add_argument("--nar_precision", choices=("fp32", "bf16"), default="fp32",
                     help="the NAR's passes under bf16 autocast (2x faster on a CPU with AVX512-BF16; the AR "
@@ -346,16 +347,14 @@ def parse_systems(args):
             raise SystemExit(f"--ar {spec!r}: expected NAME=PATH, NAME made of letters, digits, '_', '.', '-'")
         systems.append((name, path))
     if args.curve:
-        paths = glob.glob(args.curve)
-        if not paths:
+        if not (paths := glob.glob(args.curve)):
             raise SystemExit(f"--curve {args.curve!r}: no checkpoint matches")
         step = {p: load_pt(p, "checkpoint", mmap=True)["step"] for p in paths}
         curve = [(f"step{step[p]}", p) for p in sorted(paths, key=step.get)]
     names = [n for n, _ in systems + curve]
     if not names:
         raise SystemExit("nothing to evaluate: give --ar NAME=PATH and/or --curve GLOB")
-    bad = sorted({n for n in names if n in RESERVED or names.count(n) > 1})
-    if bad:
+    if bad := sorted({n for n in names if n in RESERVED or names.count(n) > 1}):
         raise SystemExit(f"system names must be unique and none of {RESERVED}: {bad}")
     return systems + curve, [n for n, _ in curve]
 
@@ -404,7 +403,8 @@ def main(argv=None):
               + ", ".join(f"{s['id']} ({s['reason']})" for s in skipped))
     if len(examples) < 2:
         raise SystemExit("the test list needs at least 2 utterances: raise --n_seen or --n_unseen")
-    sampling = SAMPLING | ({} if args.seconds_per_token is None else {"seconds_per_token": args.seconds_per_token})
+    given = dict(temperature=args.temperature, top_k=args.top_k, seconds_per_token=args.seconds_per_token)
+    sampling = SAMPLING | {k: (v or None) if k == "top_k" else v for k, v in given.items() if v is not None}
     judges = Judges(codec if args.jobs == 1 else args.codec, args.asr, args.jobs)
     base = dict(data=data, ids=ids, seed=args.seed, prompt_seconds=args.prompt_seconds, codec=codec.name,
                 asr=args.asr, asr_decoding=ASR_DECODING,

@@ -23,7 +23,7 @@ from codec import MelRVQCodec, load_corpus
 from eval import NORMALIZATION, bootstrap, corpus_rate, corpus_wer, gap_classifier_acc, main, mean, wilson
 from eval import test_set as build_test_set  # under its own name pytest would collect it as a test
 from report import safe_name
-from speechalign import TextTokenizer, load_model
+from speechalign import SAMPLING, TextTokenizer, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 SEEN, UNSEEN, CODEC = REPO / "data/toy/test_seen.pt", REPO / "data/toy/test_unseen.pt", REPO / "data/toy/codec.pt"
@@ -428,6 +428,25 @@ def test_a_changed_n_samples_does_not_reuse_the_cache(tiny, fakes, tmp_path):
     fake_eval(tiny, tmp_path, "--n_samples", 2)
     for system in ("prompt", "golden", "golden_l1", "golden_l1_nar", "sft"):
         assert len(list((tmp_path / "samples" / system).glob("*.wav"))) == 2, system
+
+
+def test_sampling_options_reach_the_sampler_and_key_the_cache(tiny, fakes, tmp_path):
+    """--temperature 0 --top_k 0 samples greedily: the AR's layer 1 is a direct greedy decode's. The changed
+    sampling gets its own AR cache entry; the golden systems' entries are reused."""
+    fakes["codec"].bad = None  # every utterance decodes
+    default = fake_eval(tiny, tmp_path, "--n_samples", 1)
+    before = set((tmp_path / "cache").iterdir())
+    greedy = fake_eval(tiny, tmp_path, "--n_samples", 1, "--temperature", 0, "--top_k", 0)
+    assert default["sampling"] == SAMPLING | {"seconds_per_token": 0.02}
+    assert greedy["sampling"] == default["sampling"] | {"temperature": 0, "top_k": None}
+    [new] = [json.loads(p.read_text()) for p in set((tmp_path / "cache").iterdir()) - before]
+    assert new["key"]["what"] == "ar" and new["key"]["sampling"] == greedy["sampling"]
+    ar, tok, ckpt = load_model(tiny / "ar.pt", "ar")
+    examples = build_test_set(load_corpus(SEEN), tok, 4)[0] + build_test_set(load_corpus(UNSEEN), tok, 2)[0]
+    with torch.no_grad():
+        layer1, _ = ar.generate([t for t, _, _ in examples], [p for _, p, _ in examples], temperature=0,
+                                seconds_per_token=0.02, frame_rate=ckpt["codec"]["frame_rate"])
+    assert new["result"]["layer1"] == [c.tolist() or [0] for c in layer1]  # an immediate EOS decodes 1 frame
 
 
 def test_expected_nar_decoding_has_its_own_cache_entries_and_report_field(tiny, fakes, tmp_path):
