@@ -86,9 +86,15 @@ class TextTokenizer:
 
 
 # -------------------------------------------------------------------------------------------------
-# The transformer. Both models read one sequence per example whose tokens are either text or audio;
-# each kind has its own embedding table and its own position table, so position 5 of the text and
-# frame 5 of the audio are never confused. Batches are padded; `valid` marks real tokens.
+# The transformer. Both models read one sequence per example: [text | acoustic prompt | target].
+# Text and audio have their own embedding tables, and each of the three segments has its own
+# position table, so position 5 of the text, of the prompt and of the target are never confused.
+# The target's positions start at 0 whatever the prompt's length (the prompt's count back from it,
+# -1 its last frame): the AR always knows where the prompt ends and its own speech begins, and
+# target frame t keeps the same relation to the text positions for every prompt. With one table
+# numbering prompt and target on from each other, prompts of drawn lengths (pretraining) hid that
+# boundary, and the AR was slow to learn to read the text. Batches are padded; `valid` marks real
+# tokens.
 
 @dataclass
 class LMConfig:
@@ -99,7 +105,7 @@ class LMConfig:
     n_head: int = 4
     dropout: float = 0.1  # residual and MLP dropout; none in attention (it forces a slow SDPA path)
     max_text: int = 256  # text positions (train_codec_lm.py --max_text)
-    max_audio: int = 1024  # audio positions: prompt + target (+ EOS), in frames; see too_long
+    max_audio: int = 1024  # audio frames: prompt + target (+ EOS); see too_long
 
 
 class Block(nn.Module):
@@ -145,7 +151,8 @@ class CodecLM(nn.Module):
         self.text_emb = nn.Embedding(cfg.n_text, cfg.d_model)
         self.audio_emb = nn.ModuleList(nn.Embedding(n, cfg.d_model) for n in n_audio_in)
         self.text_pos = nn.Embedding(cfg.max_text, cfg.d_model)
-        self.audio_pos = nn.Embedding(cfg.max_audio, cfg.d_model)
+        self.audio_pos = nn.Embedding(cfg.max_audio, cfg.d_model)  # target frames 0, 1, ...
+        self.prompt_pos = nn.Embedding(cfg.max_audio, cfg.d_model)  # prompt frames -1, -2, ... (row 0, 1, ...)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
@@ -159,16 +166,20 @@ class CodecLM(nn.Module):
             nn.init.zeros_(m.bias)
 
     def embed(self, text, audio, is_audio, pos):
-        """text [B, T] ids (read where not is_audio); audio [B, q, T] codes (where is_audio)."""
+        """text [B, T] ids (read where not is_audio); audio [B, q, T] codes (where is_audio); pos [B, T]
+        positions: from 0 in the text and the target, negative in the prompt (pack)."""
         cfg = self.cfg
-        if ((pos >= cfg.max_text) & ~is_audio).any() or ((pos >= cfg.max_audio) & is_audio).any():
+        if ((pos >= cfg.max_text) & ~is_audio).any() or (((pos >= cfg.max_audio) | (pos < -cfg.max_audio))
+                                                           & is_audio).any():
             raise ValueError(f"sequence longer than the model's positions ({cfg.max_text} text, "
                              f"{cfg.max_audio} audio)")
         # sum the embeddings of the layers given; a code of -1 means "this layer is not given here"
         a = sum(emb(audio[:, q].clamp(min=0)) * (audio[:, q] >= 0).unsqueeze(-1)
                 for q, emb in enumerate(self.audio_emb[: audio.shape[1]]))
-        x_text = self.text_emb(text.clamp(min=0)) + self.text_pos(pos.clamp(max=cfg.max_text - 1))
-        x_audio = a + self.audio_pos(pos)
+        x_text = self.text_emb(text.clamp(min=0)) + self.text_pos(pos.clamp(0, cfg.max_text - 1))
+        in_prompt = (pos < 0).unsqueeze(-1)
+        x_audio = a + torch.where(in_prompt, self.prompt_pos((-1 - pos).clamp(min=0)),
+                                  self.audio_pos(pos.clamp(min=0)))
         return self.drop(torch.where(is_audio.unsqueeze(-1), x_audio, x_text))
 
     def trunk(self, x, mask, caches=None):
@@ -289,7 +300,7 @@ def pack(examples, n_layers):
         b["text"][i, :lt] = torch.tensor(t)
         b["is_audio"][i, lt:lt + lp + lg] = True
         b["pos"][i, :lt] = torch.arange(lt)
-        b["pos"][i, lt:lt + lp + lg] = torch.arange(lp + lg)
+        b["pos"][i, lt:lt + lp + lg] = torch.arange(-lp, lg)  # prompt -lp..-1, target 0..lg-1
         b["valid"][i, :lt + lp + lg] = True
     return b, spans
 
@@ -365,7 +376,7 @@ class AR(CodecLM):
             audio[i, 0, P - lp[i]:] = p[0]
             is_audio[i, P - lp[i]:] = True
             pos[i, s:s + lt[i]] = torch.arange(lt[i])
-            pos[i, P - lp[i]:] = torch.arange(lp[i])
+            pos[i, P - lp[i]:] = torch.arange(-lp[i], 0)
             valid[i, s:] = True
         text, audio, is_audio, pos, valid = (x.to(dev) for x in (text, audio, is_audio, pos, valid))
         lp, limit = lp.to(dev), limit.to(dev)
@@ -390,12 +401,11 @@ class AR(CodecLM):
             out = torch.cat([out, torch.where(nxt == self.eos, 0, nxt).unsqueeze(1)], 1)
             if done.all():
                 break
-            # the next input column: the sampled code at audio position lp + step. A finished
-            # sequence is still fed (its codes are dropped), at most at the last position: one cut
-            # at the positions would pass them
+            # the next input column: the sampled code at target position step (< every limit <=
+            # max_audio: in the table). A finished sequence is still fed; its codes are dropped
             new = (torch.zeros(B, 1, dtype=torch.long, device=dev), out[:, -1:].unsqueeze(1),
                    torch.ones(B, 1, dtype=torch.bool, device=dev),
-                   (lp + step).clamp(max=self.cfg.max_audio - 1).unsqueeze(1))
+                   torch.full((B, 1), step, dtype=torch.long, device=dev))
             valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=dev)], 1)
             if use_cache:
                 feed, mask = new, valid.unsqueeze(1)  # one query row: it sees every real key

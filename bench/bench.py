@@ -215,7 +215,7 @@ def bench_train(args):
     hf = gpt2(args, b["valid"].shape[1]).train()
     hf_opt = adamw(hf)
     ids = torch.where(b["is_audio"], b["audio"][:, 0], b["text"])  # the same tokens, from one table
-    labels = torch.where(b["is_audio"] & (b["pos"] >= args.prompt), ids, -100)  # the target frames (GPT-2 shifts)
+    labels = torch.where(b["is_audio"] & (b["pos"] >= 0), ids, -100)  # the target frames (GPT-2 shifts)
 
     def hf_step():
         with autocast(args.precision, args.device):

@@ -271,7 +271,8 @@ def with_positions(src, dst, max_audio):
     """A copy of checkpoint src whose model has only max_audio audio positions (the first rows of its table)."""
     ckpt = torch.load(src, weights_only=True)
     ckpt["config"]["max_audio"] = max_audio
-    ckpt["model"]["audio_pos.weight"] = ckpt["model"]["audio_pos.weight"][:max_audio]
+    for table in ("audio_pos", "prompt_pos"):
+        ckpt["model"][f"{table}.weight"] = ckpt["model"][f"{table}.weight"][:max_audio]
     torch.save(ckpt, dst)
     return dst
 

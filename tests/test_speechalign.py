@@ -5,6 +5,7 @@ test_seen corpus.
 """
 import json
 import math
+import re
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -164,7 +165,11 @@ def test_policy_equal_to_reference_gives_log2_zero_rewards_and_a_gradient():
     assert sum(p.grad.norm() for p in model.parameters() if p.grad is not None) > 0
 
 
-def test_one_step_raises_chosen_and_lowers_rejected():
+def test_one_step_widens_every_pairs_margin():
+    """A small gradient step on the DPO loss moves each pair's log-ratio margin
+    (log pi(y_w) - log pi(y_l)) - (log pi_ref(y_w) - log pi_ref(y_l)) up: to first order by lr * w * |grad
+    log pi(y_w) - grad log pi(y_l)|^2 >= 0. The chosen log-prob alone need not rise (the two sequences share
+    parameters), so the rejected and chosen side are checked only as a whole."""
     model, pairs = tiny_ar(), random_pairs(4)
     idx = list(range(4))
     ref = sa.reference_logps(model, pairs, idx)
@@ -174,8 +179,9 @@ def test_one_step_raises_chosen_and_lowers_rejected():
         for p in model.parameters():
             p -= 1e-2 * p.grad
     after = sa.reference_logps(model, pairs, idx)
-    assert (after["chosen"] > ref["chosen"]).all()
-    assert (after["rejected"] < ref["rejected"]).all()
+    margin = (after["chosen"] - ref["chosen"]) - (after["rejected"] - ref["rejected"])
+    assert (margin > 0).all()
+    assert (after["chosen"] - ref["chosen"]).sum() > 0 > (after["rejected"] - ref["rejected"]).sum()
 
 
 def test_before_rewards_show_a_policy_that_training_sees_otherwise():
@@ -352,7 +358,7 @@ def test_command_line_runs_and_resumes(init_ckpt, tmp_path):
     env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "round 1: margin +0.000 ->" in first.stdout
+    assert re.search(r"round 1: margin [+-]0\.000 ->", first.stdout)  # before training: pi = pi_ref (the sign of ~1e-5 is noise)
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and "round 1: done before" in second.stdout
 
