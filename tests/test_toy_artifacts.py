@@ -16,7 +16,8 @@ def codec():
 
 
 @pytest.mark.parametrize("split, min_utts, speakers", [
-    ("test_seen", 300, 6), ("test_unseen", 300, 2), ("train_subset", 3000, 6)])
+    ("test_seen", 300, 6), ("test_unseen", 300, 2), ("dev_seen", 200, 6), ("dev_unseen", 200, 2),
+    ("dev_oog", 100, 6), ("train_subset", 3000, 6)])
 def test_corpus_matches_codec(codec, split, min_utts, speakers):
     corpus = load_corpus(os.path.join(TOY, f"{split}.pt"))
     assert corpus["codec"]["name"] == codec.name  # codes from this exact codebook
@@ -32,15 +33,21 @@ def test_corpus_matches_codec(codec, split, min_utts, speakers):
 
 
 def test_splits_do_not_share_sentences_and_unseen_speakers_stay_unseen():
-    seen, unseen, train = (load_corpus(os.path.join(TOY, f"{s}.pt")) for s in ["test_seen", "test_unseen", "train_subset"])
-    assert not set(train["texts"]) & (set(seen["texts"]) | set(unseen["texts"]))
-    assert set(seen["speakers"]) == set(train["speakers"])
-    assert not set(unseen["speakers"]) & set(train["speakers"])
+    names = ["train_subset", "dev_seen", "dev_unseen", "dev_oog", "test_seen", "test_unseen"]
+    splits = {s: load_corpus(os.path.join(TOY, f"{s}.pt")) for s in names}
+    for i, a in enumerate(names):  # dev chooses, test reports: no sentence in two of them, nor in training
+        for b in names[i + 1:]:
+            assert not set(splits[a]["texts"]) & set(splits[b]["texts"]), (a, b)
+    train = set(splits["train_subset"]["speakers"])
+    for s in ("dev_seen", "dev_oog", "test_seen"):
+        assert set(splits[s]["speakers"]) == train
+    for s in ("dev_unseen", "test_unseen"):
+        assert not set(splits[s]["speakers"]) & train
 
 
 def test_shipped_size():
     total = sum(os.path.getsize(os.path.join(TOY, f)) for f in os.listdir(TOY))
-    assert total < 32e6  # data, codec and the bf16 SFT checkpoints (~19 MB of them): a clone stays small
+    assert total < 40e6  # data, codec and the bf16 SFT checkpoints (~18 MB of them): a clone stays small
 
 
 def test_sft_checkpoints_load_and_agree(codec):
@@ -51,7 +58,7 @@ def test_sft_checkpoints_load_and_agree(codec):
     assert tok.symbols == nar_tok.symbols and tuple(ar.cfg.card) == tuple(codec.card)
     assert "optimizer" not in ar_ck and "optimizer" not in nar_ck  # the shipped form: weights only
     seen = load_corpus(os.path.join(TOY, "test_seen.pt"))
-    ex = make_examples(seen, tok, 3.0)[:2]  # the prompt length it was trained with
+    ex = make_examples(seen, tok, 3.0)[:2]  # the prompt length evaluation uses
     with torch.no_grad():
         b = ar.batch(ex)
         mask = b["targets"] != -100
