@@ -379,7 +379,7 @@ class AR(CodecLM):
             pos[i, P - lp[i]:] = torch.arange(-lp[i], 0)
             valid[i, s:] = True
         text, audio, is_audio, pos, valid = (x.to(dev) for x in (text, audio, is_audio, pos, valid))
-        lp, limit = lp.to(dev), limit.to(dev)
+        limit = limit.to(dev)
         caches = [dict(size=P + int(limit.max())) for _ in self.blocks] if use_cache else None
         out = torch.zeros(B, 0, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -401,8 +401,8 @@ class AR(CodecLM):
             out = torch.cat([out, torch.where(nxt == self.eos, 0, nxt).unsqueeze(1)], 1)
             if done.all():
                 break
-            # the next input column: the sampled code at target position step (< every limit <=
-            # max_audio: in the table). A finished sequence is still fed; its codes are dropped
+            # the next input column: the sampled code at target position step (step < the largest
+            # limit <= max_audio: in the table). A finished sequence is still fed; its codes are dropped
             new = (torch.zeros(B, 1, dtype=torch.long, device=dev), out[:, -1:].unsqueeze(1),
                    torch.ones(B, 1, dtype=torch.bool, device=dev),
                    torch.full((B, 1), step, dtype=torch.long, device=dev))
