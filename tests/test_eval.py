@@ -268,7 +268,8 @@ def test_refuses_a_checkpoint_of_another_codec(tiny, tmp_path):
 
 
 def with_positions(src, dst, max_audio):
-    """A copy of checkpoint src whose model has only max_audio audio positions (the first rows of its table)."""
+    """A copy of checkpoint src whose model has only max_audio audio positions (the first rows of its prompt and
+    target tables)."""
     ckpt = torch.load(src, weights_only=True)
     ckpt["config"]["max_audio"] = max_audio
     for table in ("audio_pos", "prompt_pos"):
