@@ -34,8 +34,8 @@ from codec import decode_codes, load_codec, load_corpus, load_pt, write_text
 from metrics import (ASR_DECODING, NORMALIZATION, bootstrap, corpus_rate, corpus_wer, cosine, load_asr,
                      load_speaker_encoder, mean, normalize_text, speaker_embedding, transcribe, wilson)
 from report import page_clips, page_utterances, write_report
-from speechalign import (SAMPLING, ar_logps, load_model, make_examples, sampling_batches, synthesise,
-                         too_long)
+from speechalign import (SAMPLING, ar_logps, load_model, make_examples, read_checkpoint, sampling_batches,
+                         synthesise, too_long)
 
 # ---------------------------------------------------------------------------------------------------------
 # Test lists, generation and judging
@@ -43,8 +43,8 @@ from speechalign import (SAMPLING, ar_logps, load_model, make_examples, sampling
 def test_set(corpus, tok, n=None, prompt_seconds=3.0, seed=0):
     """A fixed test list: n utterances drawn at random (all if n is None), in corpus order, each with a
     cross-sentence prompt (another utterance of the same speaker, its first prompt_seconds), as in VALL-E's
-    protocol. Returns (examples, reference texts, ids); the same arguments always give the same list.
-    (Evenly spaced picks could all land on one speaker: the toy splits cycle through their speakers.)"""
+    protocol. Returns (examples, reference texts, ids), the same for the same arguments. (Not evenly spaced:
+    such picks could all land on one speaker, as the toy splits cycle through their speakers.)"""
     examples = make_examples(corpus, tok, prompt_seconds, seed=seed, frame_rate=corpus["codec"]["frame_rate"])
     N = len(examples)
     idx = range(N) if n is None or n >= N else sorted(random.Random(seed).sample(range(N), n))
@@ -93,8 +93,7 @@ def _load_judges(codec, asr_name, worker=False):
 
 
 def _judge_one(job):
-    """(codes, upper or None, transcribe?) -> (transcript, speaker embedding, {stage: reason} for each stage that
-    failed).
+    """(codes, upper or None, transcribe?) -> (transcript, speaker embedding, {stage: reason} of failed stages).
 
     An utterance the judges cannot score must not abort the whole system: a one-frame output (an immediate EOS)
     that Griffin-Lim cannot invert, audio with NaNs, nothing left after Resemblyzer's silence trimming. A failed
@@ -251,8 +250,7 @@ def summarize(results, prompts, refs, ids, splits, golden_l1, card, n_boot, seed
 
     # chance: each golden transcript against another utterance's sentence (a random cycle through the list)
     perm = np.random.default_rng(seed).permutation(len(refs))
-    successor = dict(zip(perm, np.roll(perm, -1)))
-    wrong = [refs[successor[a]] for a in range(len(refs))]
+    wrong = [refs[b] for _, b in sorted(zip(perm, np.roll(perm, -1)))]  # utterance a gets its successor b's
     per_utt = corpus_wer(wrong, [h or "" for h in results["golden"]["hyps"]])["per_utterance"]
     wer, ci = bootstrap(corpus_rate, [e for e, _ in per_utt], [n for _, n in per_utt], **boot)
 
@@ -338,14 +336,17 @@ def get_args(argv=None):
     return ap.parse_args(argv)
 
 
+def named(spec):
+    """(NAME, PATH) from an --ar NAME=PATH (synthesize.py's too)."""
+    name, sep, path = spec.partition("=")
+    if not sep or not path or not re.fullmatch(r"[\w.-]+", name):
+        raise SystemExit(f"--ar {spec!r}: expected NAME=PATH, NAME made of letters, digits, '_', '.', '-'")
+    return name, path
+
+
 def parse_systems(args):
     """[(name, checkpoint)] from --ar NAME=PATH, then the --curve snapshots sorted by their step."""
-    systems, curve = [], []
-    for spec in args.ar:
-        name, sep, path = spec.partition("=")
-        if not sep or not path or not re.fullmatch(r"[\w.-]+", name):
-            raise SystemExit(f"--ar {spec!r}: expected NAME=PATH, NAME made of letters, digits, '_', '.', '-'")
-        systems.append((name, path))
+    systems, curve = [named(spec) for spec in args.ar], []
     if args.curve:
         if not (paths := glob.glob(args.curve)):
             raise SystemExit(f"--curve {args.curve!r}: no checkpoint matches")
@@ -374,13 +375,13 @@ def main(argv=None):
     nar, tok, nar_ckpt = load_model(args.nar, "nar", device)
     check_codec(args.nar, nar_ckpt["codec"]["name"])
     for _, path in systems:  # refuse a wrong AR checkpoint before any expensive work
-        ckpt = load_pt(path, "checkpoint", mmap=True)
-        if ckpt.get("kind") != "ar":
-            raise SystemExit(f"{path} holds a {ckpt.get('kind')} model, not an AR")
+        try:
+            ckpt = read_checkpoint(path, "ar", mmap=True)
+        except ValueError as e:
+            raise SystemExit(f"--ar {e}") from None
         check_codec(path, ckpt["codec"]["name"])
         if ckpt["tokenizer"] != nar_ckpt["tokenizer"]:
-            raise SystemExit(f"{path}: its text tokenizer differs from the NAR's ({args.nar}); AR and NAR must read "
-                             "the same text ids")
+            raise SystemExit(f"{path}: its text tokenizer differs from the NAR's ({args.nar}): they must share ids")
         positions = (ckpt["config"]["max_text"], ckpt["config"]["max_audio"])
         if positions != (nar.cfg.max_text, nar.cfg.max_audio):
             raise SystemExit(f"{path}: its positions ({positions[0]} text, {positions[1]} audio) differ from the NAR's "
@@ -480,8 +481,7 @@ def main(argv=None):
         sim_kind="cosine of Resemblyzer embeddings of the generated speech and of its prompt decoded by the codec "
                  "(`sim`), and of the golden resynthesis of the same utterance (`sim_to_golden`)",
         codec=codec.name, nar=f"{args.nar} ({args.nar_precision})", nar_decoding=args.nar_decoding,
-        sampling=sampling, seed=args.seed,
-        prompt_seconds=args.prompt_seconds,
+        sampling=sampling, seed=args.seed, prompt_seconds=args.prompt_seconds,
         n_seen=splits.count("seen"), n_unseen=splits.count("unseen"), n_boot=args.n_boot, skipped=skipped,
         prompt_unscored=[dict(id=ids[f["utt"]], stage=f["stage"], reason=f["reason"]) for f in prompts["failures"]],
         test=[dict(id=i, split=sp, ref=r, ref_words=w) for i, sp, r, w in zip(ids, splits, refs, words)])

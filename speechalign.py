@@ -546,12 +546,24 @@ def save_checkpoint(path, **state):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def read_checkpoint(path, kind, device="cpu", mmap=False):
+    """The stored dict of a checkpoint that holds a `kind` ("ar" or "nar") model; ValueError naming the
+    file and what it holds otherwise."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    ckpt = load_pt(path, "checkpoint", map_location=device, mmap=mmap)
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in ("ar", "nar"):
+        raise ValueError(f"{path} is not a model checkpoint (train_codec_lm.py and speechalign.py "
+                         "write those)")
+    if ckpt["kind"] != kind:
+        raise ValueError(f"{path} holds an {ckpt['kind'].upper()} model, not an {kind.upper()}")
+    return ckpt
+
+
 def load_model(path, kind, device="cpu"):
     """Rebuild an AR or NAR from a checkpoint written by train_codec_lm.py; returns (model,
     tokenizer, ckpt)."""
-    ckpt = load_pt(path, "checkpoint", map_location=device)
-    if ckpt.get("kind") != kind:
-        raise ValueError(f"{path} holds a {ckpt.get('kind')} model, not an {kind}")
+    ckpt = read_checkpoint(path, kind, device)
     cfg = LMConfig(**ckpt["config"])
     model = (AR if kind == "ar" else NAR)(cfg).to(device)
     model.load_state_dict(ckpt["model"])

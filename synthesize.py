@@ -12,7 +12,6 @@ the NAR decodes greedily, so a seed gives the same WAV on the same machine.
 """
 import argparse
 import os
-import re
 import shutil
 import sys
 
@@ -20,8 +19,9 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from codec import load_codec, load_pt, write_wav
-from speechalign import SAMPLING, frame_limit, load_model, synthesise
+from codec import load_codec, write_wav
+from eval import named
+from speechalign import SAMPLING, frame_limit, load_model, read_checkpoint, synthesise
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
 from make_toy_corpus import phonemise  # noqa: E402
@@ -45,12 +45,8 @@ def systems(specs, out):
     OUT's stem + .NAME + its extension (out.sft.wav, out.round3.wav)."""
     parsed = []
     for spec in specs or ["data/toy/sft_ar.pt"]:
-        name, sep, path = spec.partition("=")
-        if not sep or os.path.exists(spec):  # a plain path (even one with '=' in it)
-            name, path = None, spec
-        elif not re.fullmatch(r"[\w.-]+", name) or not path:
-            raise SystemExit(f"--ar {spec!r}: expected PATH or NAME=PATH, NAME made of letters, digits, '_', '.', '-'")
-        parsed.append((name, path))
+        plain = "=" not in spec or os.path.exists(spec)  # a plain path (even one with '=' in it)
+        parsed.append((None, spec) if plain else named(spec))
     if len(parsed) == 1:
         return [(parsed[0][0] or "ar", parsed[0][1], out)]
     names = [n for n, _ in parsed]
@@ -61,19 +57,12 @@ def systems(specs, out):
 
 
 def check_checkpoint(path, kind, what):
-    """The checkpoint's stored dict, refused with the reason unless it is an `kind` model."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"{what} {path}: no such file")
+    """The checkpoint's stored dict, read without loading its weights; refused, naming the option, unless it
+    holds a `kind` model."""
     try:
-        ckpt = load_pt(path, "checkpoint", mmap=True)
+        return read_checkpoint(path, kind, mmap=True)
     except ValueError as e:
         raise SystemExit(f"{what} {e}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") not in ("ar", "nar"):
-        raise SystemExit(f"{what} {path} is not a model checkpoint (train_codec_lm.py and speechalign.py write those)")
-    if ckpt["kind"] != kind:
-        raise SystemExit(f"{what} {path} holds an {ckpt['kind'].upper()} model, not an {kind.upper()}: "
-                         f"give it to --{ckpt['kind']}")
-    return ckpt
 
 
 def read_prompt(path, codec):

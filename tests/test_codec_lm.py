@@ -669,7 +669,7 @@ def test_checkpoint_loads_into_the_same_model(ar_run):
         torch.testing.assert_close(model2(**b), y, rtol=0, atol=0)
         torch.testing.assert_close(other(**b), y, rtol=0, atol=0)
     assert tok.symbols == ckpt["tokenizer"]["symbols"] and tok.kind == "phonemes"
-    with pytest.raises(ValueError, match="nar"):
+    with pytest.raises(ValueError, match="holds an AR model, not an NAR"):
         load_model(ar_run, "nar")
 
 

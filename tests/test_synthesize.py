@@ -148,8 +148,8 @@ def test_espeak_ng_missing(files, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("option, path, match", [
-    ("ar", "nar.pt", r"--ar .*nar\.pt holds an NAR model, not an AR: give it to --nar"),
-    ("nar", "ar.pt", r"--nar .*ar\.pt holds an AR model, not an NAR: give it to --ar"),
+    ("ar", "nar.pt", r"--ar .*nar\.pt holds an NAR model, not an AR"),
+    ("nar", "ar.pt", r"--nar .*ar\.pt holds an AR model, not an NAR"),
     ("ar", CODEC, r"--ar .*codec\.pt is not a model checkpoint"),
 ])
 def test_checkpoint_of_the_wrong_kind(files, tmp_path, option, path, match):
@@ -186,6 +186,15 @@ def test_speaks_with_encodec_and_refuses_the_toy_codec_models(files, tmp_path, m
 
 def test_several_models_must_be_named(files, tmp_path):
     refused(files, tmp_path, r"--ar given 2 times: name each model", ar=[files / "ar.pt", files / "ar.pt"])
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("a b=nope.pt", r"--ar 'a b=nope\.pt': expected NAME=PATH"),  # eval.py's NAME=PATH rule
+    ("sft=", r"--ar 'sft=': expected NAME=PATH"),
+    ("nope.pt", r"--ar nope\.pt: no such file"),
+])
+def test_bad_ar_spec_or_missing_checkpoint(files, tmp_path, spec, match):
+    refused(files, tmp_path, match, ar=spec)
 
 
 def test_shipped_models(files, tmp_path, monkeypatch):
