@@ -320,7 +320,7 @@ def get_args(argv=None):
     ap.add_argument("--nar_precision", choices=("fp32", "bf16"), default="fp32",
                     help="the NAR's passes under bf16 autocast (2x faster on a CPU with AVX512-BF16; the AR "
                          "samples in fp32 either way)")
-    ap.add_argument("--nar_decoding", choices=("argmax", "expected"), default="argmax",
+    ap.add_argument("--nar_decoding", choices=("argmax", "expected"), default="expected",
                     help="decode the NAR's layers 2..Q from its argmax codes, or as the expected codebook vectors "
                          "(sum_c p(c) * entry c, per layer) on top of layer 1 (speechalign.NAR.generate says why); "
                          "for golden_l1_nar and every AR")

@@ -8,7 +8,8 @@ decodes it to a WAV.
 The text is phonemised as the training data was (espeak-ng, data/make_toy_corpus.py's `phonemise`). The voice
 is the first seconds of the prompt, as many as the AR was trained with (its --prompt_seconds, 3 s by default).
 Sampling is the one evaluation and SpeechAlign use (speechalign.SAMPLING) from a generator seeded by --seed, and
-the NAR decodes greedily, so a seed gives the same WAV on the same machine.
+the NAR is deterministic (its expected upper layers by default, as in eval.py), so a seed gives the same WAV on
+the same machine.
 """
 import argparse
 import os
@@ -36,6 +37,8 @@ def get_args(argv=None):
                     help="AR checkpoint (default data/toy/sft_ar.pt); repeat as NAME=PATH for one WAV per model")
     ap.add_argument("--nar", default="data/toy/sft_nar.pt", help="the NAR checkpoint that fills in layers 2..Q")
     ap.add_argument("--codec", default="data/toy/codec.pt", help="toy codec file, or 'encodec'")
+    ap.add_argument("--nar_decoding", choices=("argmax", "expected"), default="expected",
+                    help="the NAR's upper layers as its argmax codes or its expected codebook vectors (eval.py's)")
     ap.add_argument("--seed", type=int, default=0, help="seeds the AR's sampling")
     return ap.parse_args(argv)
 
@@ -156,6 +159,7 @@ def main(argv=None):
         if len(ids) > cfg["max_text"] or need >= cfg["max_audio"]:
             raise SystemExit(f"--text is {len(ids)} tokens and the prompt {need} frames; {path} holds at most "
                              f"{cfg['max_text']} and {cfg['max_audio'] - 1}: say it in shorter parts")
+    tables = codec.tables() if args.nar_decoding == "expected" else None
     for name, path, out in jobs:
         ar, need = load_model(path, "ar", device)[0], frames[path]
         limit = min(frame_limit(SAMPLING["seconds_per_token"], codec.frame_rate, len(ids)), ar.cfg.max_audio - need)
@@ -164,8 +168,8 @@ def main(argv=None):
             # one AR forward per sampled frame; the hook returns None (a value would replace the forward's output)
             hook = ar.register_forward_hook(lambda *_: bar.update() and None)
             try:
-                _, hit_limit, wavs = synthesise(ar, nar, [ids], [prompt[:, :need]], codec, generator=g,
-                                                frame_rate=codec.frame_rate, **SAMPLING)
+                _, hit_limit, *_, wavs = synthesise(ar, nar, [ids], [prompt[:, :need]], codec, generator=g,
+                                                    expected=tables, frame_rate=codec.frame_rate, **SAMPLING)
             finally:
                 hook.remove()
         write_wav(out, wavs[0], codec.sample_rate)

@@ -453,14 +453,14 @@ def test_sampling_options_reach_the_sampler_and_key_the_cache(tiny, fakes, tmp_p
 
 def test_expected_nar_decoding_has_its_own_cache_entries_and_report_field(tiny, fakes, tmp_path):
     """--nar_decoding expected re-runs what the NAR fills in (golden_l1_nar, the ARs) under new cache keys and
-    reuses the rest; its judges decode layer 1 + a float [T, n_mels] upper part. The default keeps the keys
-    that argmax runs had before the option existed."""
+    reuses the rest; its judges decode layer 1 + a float [T, n_mels] upper part. Argmax keeps the keys that
+    its runs had before the option existed."""
     fakes["codec"].bad = None  # every utterance decodes
-    argmax = fake_eval(tiny, tmp_path, "--n_samples", 1)
+    argmax = fake_eval(tiny, tmp_path, "--n_samples", 1, "--nar_decoding", "argmax")
     before = set((tmp_path / "cache").iterdir())
     assert fakes["codec"].uppers == []
     assert all("decoding" not in json.loads(p.read_text())["key"].get("nar", {}) for p in before)
-    expected = fake_eval(tiny, tmp_path, "--n_samples", 1, "--nar_decoding", "expected")
+    expected = fake_eval(tiny, tmp_path, "--n_samples", 1)  # the default
     keys = [json.loads(p.read_text())["key"] for p in set((tmp_path / "cache").iterdir()) - before]
     assert sorted(k["what"] for k in keys) == ["ar", "golden_l1_nar"]
     assert all(k["nar"]["decoding"] == "expected" for k in keys)

@@ -98,6 +98,18 @@ def test_speaks_a_sentence_the_same_for_a_seed(files, tmp_path):
     assert not (len(seed0) == len(seed1) and np.array_equal(seed0, seed1))
 
 
+def test_nar_decoding_changes_only_the_upper_layers(files, tmp_path):
+    """The default decodes the NAR's expected upper layers, --nar_decoding argmax its codes: the same AR sample
+    (same seed, same length), another sound."""
+    wav = {}
+    for how in ("expected", "argmax"):
+        synthesize.main(args(files, tmp_path / f"{how}.wav", nar_decoding=how))
+        wav[how] = sf.read(tmp_path / f"{how}.wav", dtype="float32")[0]
+    synthesize.main(args(files, tmp_path / "default.wav"))
+    assert np.array_equal(sf.read(tmp_path / "default.wav", dtype="float32")[0], wav["expected"])
+    assert len(wav["expected"]) == len(wav["argmax"]) and not np.allclose(wav["expected"], wav["argmax"], atol=1e-3)
+
+
 def refused(files, tmp_path, match, **kw):
     """synthesize.main refuses kw's change with a message matching `match` and writes nothing."""
     out = tmp_path / "out" / "speech.wav"
