@@ -152,7 +152,8 @@ class CodecLM(nn.Module):
         self.audio_emb = nn.ModuleList(nn.Embedding(n, cfg.d_model) for n in n_audio_in)
         self.text_pos = nn.Embedding(cfg.max_text, cfg.d_model)
         self.audio_pos = nn.Embedding(cfg.max_audio, cfg.d_model)  # target frames 0, 1, ...
-        self.prompt_pos = nn.Embedding(cfg.max_audio, cfg.d_model)  # prompt frames -1, -2, ... (row 0, 1, ...)
+        # prompt frames -1, -2, ... at rows 0, 1, ...
+        self.prompt_pos = nn.Embedding(cfg.max_audio, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
@@ -166,11 +167,11 @@ class CodecLM(nn.Module):
             nn.init.zeros_(m.bias)
 
     def embed(self, text, audio, is_audio, pos):
-        """text [B, T] ids (read where not is_audio); audio [B, q, T] codes (where is_audio); pos [B, T]
-        positions: from 0 in the text and the target, negative in the prompt (pack)."""
+        """text [B, T] ids (read where not is_audio); audio [B, q, T] codes (where is_audio);
+        pos [B, T] positions: from 0 in the text and the target, negative in the prompt (pack)."""
         cfg = self.cfg
-        if ((pos >= cfg.max_text) & ~is_audio).any() or (((pos >= cfg.max_audio) | (pos < -cfg.max_audio))
-                                                           & is_audio).any():
+        audio_out = (pos >= cfg.max_audio) | (pos < -cfg.max_audio)
+        if ((pos >= cfg.max_text) & ~is_audio).any() or (audio_out & is_audio).any():
             raise ValueError(f"sequence longer than the model's positions ({cfg.max_text} text, "
                              f"{cfg.max_audio} audio)")
         # sum the embeddings of the layers given; a code of -1 means "this layer is not given here"
@@ -401,8 +402,9 @@ class AR(CodecLM):
             out = torch.cat([out, torch.where(nxt == self.eos, 0, nxt).unsqueeze(1)], 1)
             if done.all():
                 break
-            # the next input column: the sampled code at target position step (step < the largest
-            # limit <= max_audio: in the table). A finished sequence is still fed; its codes are dropped
+            # the next input column: the sampled code at target position step (step < the
+            # largest limit <= max_audio: in the table). A finished sequence is still fed; its
+            # codes are dropped
             new = (torch.zeros(B, 1, dtype=torch.long, device=dev), out[:, -1:].unsqueeze(1),
                    torch.ones(B, 1, dtype=torch.bool, device=dev),
                    torch.full((B, 1), step, dtype=torch.long, device=dev))
@@ -551,8 +553,8 @@ def save_checkpoint(path, **state):
 
 
 def read_checkpoint(path, kind, device="cpu", mmap=False):
-    """The stored dict of a checkpoint that holds a `kind` ("ar" or "nar") model; ValueError naming the
-    file and what it holds otherwise."""
+    """The stored dict of a checkpoint that holds a `kind` ("ar" or "nar") model; ValueError
+    naming the file and what it holds otherwise."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     ckpt = load_pt(path, "checkpoint", map_location=device, mmap=mmap)
