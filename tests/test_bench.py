@@ -13,7 +13,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.bench import live_reference, main, peak_memory, race, train_flops
+from bench.bench import full_head_loss, live_reference, main, peak_memory, race, train_flops
 from speechalign import AR, LMConfig, lm_loss, reference_logps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,11 +98,24 @@ def test_sampling_bench_smoke(tmp_path):
 def test_train_bench_smoke(tmp_path):
     pytest.importorskip("transformers")
     r = run(tmp_path, "train", "--batch", "2", "--target", "8")
-    assert [x["system"] for x in r["rows"]] == ["ours (train_step)", "transformers GPT-2"]
+    assert [x["system"] for x in r["rows"]] == ["ours (train_step)", "transformers GPT-2",
+                                                "ours, head at every position"]
     assert all(x["tokens"] == 2 * (4 + 6 + 8) for x in r["rows"])
     check_rows(r["rows"], "tokens_per_s", lambda x: x["tokens"])
-    ours, hf = r["rows"]
+    ours, hf, full = r["rows"]
     assert r["ratios"]["ours / transformers"] == pytest.approx(ours["tokens_per_s"] / hf["tokens_per_s"])
+    assert r["ratios"]["ours, head at every position / transformers"] == pytest.approx(
+        full["tokens_per_s"] / hf["tokens_per_s"])
+
+
+def test_the_earlier_full_head_loss_is_lm_loss():
+    """The bench's "before" system computes the loss lm_loss computes, by the other route (the head at every
+    position, unscored ones ignored), so that the two differ in speed only."""
+    torch.manual_seed(0)
+    ar = AR(LMConfig(n_text=20, card=(16,), d_model=32, n_layer=1, n_head=2, max_text=16, max_audio=32)).eval()
+    b = ar.batch([([1, 2, 3], torch.randint(0, 16, (1, 4)), torch.randint(0, 16, (1, 5))),
+                  ([4, 5], torch.randint(0, 16, (1, 3)), torch.randint(0, 16, (1, 7)))])
+    torch.testing.assert_close(full_head_loss(ar, b), lm_loss(ar, b), rtol=1e-6, atol=1e-6)
 
 
 def test_dpo_bench_smoke_from_the_command_line(tmp_path):
