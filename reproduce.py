@@ -41,7 +41,7 @@ PRESETS = {
         subset=["--limit", "3000"],
         ar=["--d_model", "256", "--n_layer", "4", "--n_head", "4", "--steps", "2500", "--warmup", "300",
             "--eval_every", "500", "--snapshot_every", "500", "--prompt_seconds_min", "1", "--short_first"],
-        nar=["--d_model", "256", "--n_layer", "4", "--n_head", "4", "--steps", "1500", "--warmup", "300",
+        nar=["--d_model", "256", "--n_layer", "4", "--n_head", "4", "--steps", "3000", "--warmup", "300",
              "--eval_every", "500", "--eval_utts", "64", "--snapshot_every", "500", "--prompt_seconds_min", "1",
              "--short_first"]),
     "smoke": dict(
