@@ -493,10 +493,10 @@ class NAR(CodecLM):
         example, the expected upper layers sum_{j>=2} sum_c p_j(c) tables_j[c], float [T, D], for
         codec.decode(codes[:1], upper=...); the passes still feed each layer's argmax codes to the
         next. Why: where the NAR is unsure (toy upper-layer losses near their unigram entropy) its
-        argmax is a guess; the mean of what it considers likely lost less: on the dev splits the
-        shipped toy NAR on golden layer 1 went from WER 0.89 (argmax) to 0.79 (expected), below
-        layer 1 alone (0.82), so evaluation and synthesis decode this way by default (data/README.md
-        has the table). Returns (codes, uppers) then."""
+        argmax is a guess; the mean of what it considers likely lost less: on the dev splits, golden
+        layer 1 + the toy NAR went from WER 0.89 (argmax) to 0.79 (expected), below layer 1 alone
+        (0.82), so evaluation and synthesis decode this way by default (data/README.md has the
+        table). Returns (codes, uppers) then."""
         dev = self.layer_emb.weight.device
         Q = len(self.cfg.card)
         if expected is not None and [t.shape[0] for t in expected] != list(self.cfg.card):
