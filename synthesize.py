@@ -65,7 +65,9 @@ def check_checkpoint(path, kind, what):
     try:
         return read_checkpoint(path, kind, mmap=True)
     except ValueError as e:
-        raise SystemExit(f"{what} {e}") from None
+        other = "nar" if kind == "ar" else "ar"
+        hint = f": give it to --{other}" if f"holds an {other.upper()} model" in str(e) else ""
+        raise SystemExit(f"{what} {e}{hint}") from None
 
 
 def read_prompt(path, codec):

@@ -160,8 +160,8 @@ def test_espeak_ng_missing(files, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("option, path, match", [
-    ("ar", "nar.pt", r"--ar .*nar\.pt holds an NAR model, not an AR"),
-    ("nar", "ar.pt", r"--nar .*ar\.pt holds an AR model, not an NAR"),
+    ("ar", "nar.pt", r"--ar .*nar\.pt holds an NAR model, not an AR: give it to --nar"),
+    ("nar", "ar.pt", r"--nar .*ar\.pt holds an AR model, not an NAR: give it to --ar"),
     ("ar", CODEC, r"--ar .*codec\.pt is not a model checkpoint"),
 ])
 def test_checkpoint_of_the_wrong_kind(files, tmp_path, option, path, match):
