@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from codec import decode_codes, load_codec, load_corpus, load_pt, write_text
-from metrics import (ASR_DECODING, NORMALIZATION, bootstrap, corpus_rate, corpus_wer, cosine, load_asr,
+from metrics import (ASR_DECODING, NORMALIZATION, bootstrap, corpus_rate, corpus_wer, cosine, differences, load_asr,
                      load_speaker_encoder, mean, normalize_text, speaker_embedding, transcribe, wilson)
 from report import page_clips, page_utterances, write_report
 from speechalign import (SAMPLING, ar_logps, load_model, make_examples, read_checkpoint, sampling_batches,
@@ -186,11 +186,12 @@ def layer1_features(seqs, card, buckets=1021):
     return X
 
 
-def gap_classifier_acc(golden, synthetic, card, folds=5, seed=0, l2=1e-2):
-    """Cross-validated accuracy of a logistic regression (scikit-learn; features standardised on each training
-    fold, penalty l2 * |w|^2 on the mean log-loss) telling golden from synthetic layer-1 sequences of the same
-    utterances: 0.5 means no detectable gap, 1.0 that they are always told apart. Folds are grouped by
-    utterance, so that both sequences of a held-out utterance are unseen in training. None below 2 utterances."""
+def gap_classifier(golden, synthetic, card, folds=5, seed=0, l2=1e-2):
+    """How well a logistic regression (scikit-learn; features standardised on each training fold, penalty
+    l2 * |w|^2 on the mean log-loss) tells golden from synthetic layer-1 sequences of the same utterances: per
+    utterance, how many of its two (0-2) were labelled right when held out. Accuracy = their sum / 2n: 0.5, no
+    detectable gap; 1.0, always told apart. Folds are grouped by utterance (both sequences of a held-out one are
+    unseen in training); counts per utterance allow a paired bootstrap. None below 2 utterances."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import GroupKFold
     from sklearn.pipeline import make_pipeline
@@ -206,7 +207,8 @@ def gap_classifier_acc(golden, synthetic, card, folds=5, seed=0, l2=1e-2):
         # sklearn's C * summed log-loss + |w|^2 / 2 has the same minimiser at C = 1 / (2 l2 n_train)
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=1 / (2 * l2 * len(train)), max_iter=1000))
         predicted[test] = clf.fit(X[train], y[train]).predict(X[test])
-    return float((predicted == y).mean())
+    right = predicted == y
+    return (right[:n].astype(int) + right[n:]).tolist()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -214,14 +216,14 @@ def gap_classifier_acc(golden, synthetic, card, folds=5, seed=0, l2=1e-2):
 
 def summarize(results, prompts, refs, ids, splits, golden_l1, card, n_boot, seed):
     """Per-system WER and SIM with 95% intervals and the gap, the chance WER, and every pairwise difference
-    (the later system minus the earlier one: golden_l1_nar_vs_golden, round1_vs_sft), all on the same utterances.
+    (metrics.differences: golden_l1_nar_vs_golden, round1_vs_sft, ...), all on the same utterances.
 
     Errors are counted here, from the transcripts, with today's normalize_text. An utterance without a transcript
     (it did not decode, or the ASR failed) counts as all deletions; one without a SIM (its or its prompt's speaker
     embedding failed) is left out of the SIM means, and counted. Both are listed per system (`unscored`)."""
     words = np.array([len(normalize_text(r).split()) for r in refs])
     boot = dict(n_boot=n_boot, seed=seed)
-    S, errors, sims = {}, {}, {}
+    S, errors, sims, hits = {}, {}, {}, {}
     for name, res in results.items():
         hyps = [h or "" for h in res["hyps"]]  # no transcript: every reference word is a deletion
         errors[name] = np.array([e for e, _ in corpus_wer(refs, hyps)["per_utterance"]])
@@ -240,10 +242,11 @@ def summarize(results, prompts, refs, ids, splits, golden_l1, card, n_boot, seed
         s["golden_nll"], s["gap"] = res.get("golden_nll"), None
         if "layer1" in res:  # an AR system; golden_l1_nar, summarised before it, is the same NAR on golden layer 1
             ref = S["golden_l1_nar"]
+            hits[name] = gap_classifier(golden_l1, res["layer1"], card, seed=seed)
+            acc = None if hits[name] is None else sum(hits[name]) / (2 * len(golden_l1))
             s["gap"] = dict(wer_golden_ar=ref["wer"], wer_synthetic_ar=s["wer"], sim_golden_ar=ref["sim"],
-                            sim_synthetic_ar=s["sim"],
-                            classifier_acc=gap_classifier_acc(golden_l1, res["layer1"], card, seed=seed))
-            s["gap"]["classifier_acc_ci"] = wilson(s["gap"]["classifier_acc"], 2 * len(golden_l1))
+                            sim_synthetic_ar=s["sim"], classifier_acc=acc, classifier_hits=hits[name],
+                            classifier_acc_ci=None if acc is None else wilson(acc, 2 * len(golden_l1)))
         s["per_utterance"] = [dict(hyp=h, errors=int(e), sim=_round(si), sim_to_golden=_round(sg))
                               for h, e, si, sg in zip(res["hyps"], errors[name], sims[name], sim_golden)]
         S[name] = s
@@ -254,13 +257,7 @@ def summarize(results, prompts, refs, ids, splits, golden_l1, card, n_boot, seed
     per_utt = corpus_wer(wrong, [h or "" for h in results["golden"]["hyps"]])["per_utterance"]
     wer, ci = bootstrap(corpus_rate, [e for e, _ in per_utt], [n for _, n in per_utt], **boot)
 
-    pairwise = {}
-    for i, a in enumerate(S):
-        for b in list(S)[i + 1:]:
-            d = pairwise[f"{b}_vs_{a}"] = {}
-            d["delta_wer"], d["delta_wer_ci"] = bootstrap(corpus_rate, errors[b] - errors[a], words, **boot)
-            # over the utterances that have both SIMs
-            d["delta_sim"], d["delta_sim_ci"] = bootstrap(mean, sims[b] - sims[a], **boot)
+    pairwise = differences(list(S), errors, words, sims, hits, boot)
     return S, dict(wer=wer, wer_ci=ci), pairwise
 
 
@@ -272,10 +269,10 @@ def _round(x):
 # Files: everything is written through a temporary name and a rename (an interrupted run leaves no half
 # file); expensive results are cached as JSON under a hash of everything they depend on.
 
-def cached(out, key, compute):
-    """compute() once per key; the result lives in out/cache/<hash of key>.json (with the key, for people)."""
+def cached(folder, key, compute):
+    """compute() once per key; the result lives in folder/<hash of key>.json (with the key, for people)."""
     blob = json.dumps(key, sort_keys=True)
-    path = os.path.join(out, "cache", hashlib.sha1(blob.encode()).hexdigest()[:16] + ".json")
+    path = os.path.join(folder, hashlib.sha1(blob.encode()).hexdigest()[:16] + ".json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)["result"]
@@ -304,6 +301,7 @@ def get_args(argv=None):
                     "'runs/toy/sft/ar.step*.pt') and write curve.json and curve.png: test WER against training step")
     ap.add_argument("--nar", required=True, help="the NAR checkpoint that fills in layers 2..Q for every AR")
     ap.add_argument("--out", required=True, help="run directory")
+    ap.add_argument("--cache", help="folder of cached scores (default OUT/cache); runs may share one")
     ap.add_argument("--codec", default="data/toy/codec.pt", help="toy codec file, or 'encodec'")
     ap.add_argument("--test_seen", default="data/toy/test_seen.pt")
     ap.add_argument("--test_unseen", default="data/toy/test_unseen.pt")
@@ -333,7 +331,9 @@ def get_args(argv=None):
                     "side by side; a final run without it writes the report from the cache)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes for decoding + ASR + speaker embedding "
                     "(one thread each; CPU); the results do not depend on it")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.cache = args.cache or os.path.join(args.out, "cache")
+    return args
 
 
 def named(spec):
@@ -416,7 +416,7 @@ def main(argv=None):
 
     # Raw per-utterance measurements, each cached: prompts, golden, golden layer 1 + NAR, then every AR. The
     # prompts are heard through the codec (the toy corpus ships codes, not audio), once for every system.
-    prompts = cached(args.out, base | {"what": "prompts"}, lambda: judge(
+    prompts = cached(args.cache, base | {"what": "prompts"}, lambda: judge(
         judges, [prompt for _, prompt, _ in examples], False, "prompts: embed"))
 
     def rounded(upper):  # 4 decimals: about float16's precision, and a smaller cache file
@@ -451,23 +451,23 @@ def main(argv=None):
         nar_key["decoding"] = args.nar_decoding
     results = {}
     if not args.score_only:
-        results["golden"] = cached(args.out, base | shown | {"what": "golden"}, lambda: score(
+        results["golden"] = cached(args.cache, base | shown | {"what": "golden"}, lambda: score(
             "golden", golden_codes) | {"hit_limit": [False] * len(examples)})
         # golden layer 1 alone: what the NAR must improve on (its layers 2..Q should add the voice and detail)
-        results["golden_l1"] = cached(args.out, base | shown | {"what": "golden_l1"}, lambda: score(
+        results["golden_l1"] = cached(args.cache, base | shown | {"what": "golden_l1"}, lambda: score(
             "golden_l1", [g[:1] for g in golden_codes]) | {"hit_limit": [False] * len(examples)})
         key = base | shown | {"what": "golden_l1_nar", "nar": nar_key, "batch": args.batch_size}
-        results["golden_l1_nar"] = cached(args.out, key, lambda: run("golden_l1_nar", None, golden_layer1=True))
+        results["golden_l1_nar"] = cached(args.cache, key, lambda: run("golden_l1_nar", None, golden_layer1=True))
     for name, path in systems:
         ar, _, ckpt = load_model(path, "ar", device)
         key = base | shown | {"what": "ar", "ar": file_key(path, step=ckpt.get("step")), "nar": nar_key,
                       "sampling": sampling, "batch": args.batch_size}
-        results[name] = cached(args.out, key, lambda: run(name, ar, frame_rate=ckpt["codec"]["frame_rate"])) | {
+        results[name] = cached(args.cache, key, lambda: run(name, ar, frame_rate=ckpt["codec"]["frame_rate"])) | {
             "checkpoint": path, "step": ckpt.get("step")}
         del ar, ckpt  # one AR in memory at a time
     judges.close()
     if args.score_only:
-        print(f"scored {', '.join(results)} into {os.path.join(args.out, 'cache')}")
+        print(f"scored {', '.join(results)} into {args.cache}")
         return
 
     golden_l1 = [g[0].tolist() for g in golden_codes]

@@ -197,3 +197,23 @@ def bootstrap(stat, *cols, n_boot=2000, seed=0):
     idx = np.random.default_rng(seed).integers(0, len(cols[0]), (n_boot, len(cols[0])))
     lo, hi = np.nanpercentile(stat(*(c[idx] for c in cols)), [2.5, 97.5])
     return float(stat(*cols)), [float(lo), float(hi)]
+
+
+def differences(names, errors, words, sims, hits, boot):
+    """Every pairwise difference, later system b minus earlier a ("b_vs_a"), each with its interval from the
+    same resamples: WER (delta_wer), WER relative to a's (rel_wer, where a made errors: the words cancel), SIM
+    over the utterances that have both (delta_sim), and, where both have them, the golden-vs-synthetic
+    classifier's accuracy from its per-utterance hits, 0-2 right of an utterance's two sequences (delta_acc)."""
+    out = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            d = out[f"{b}_vs_{a}"] = {}
+            d["delta_wer"], d["delta_wer_ci"] = bootstrap(corpus_rate, errors[b] - errors[a], words, **boot)
+            if errors[a].sum() > 0:  # (else no relative change: a made no error)
+                d["rel_wer"], d["rel_wer_ci"] = bootstrap(
+                    lambda eb, ea: eb.sum(-1) / ea.sum(-1) - 1, errors[b], errors[a], **boot)
+            d["delta_sim"], d["delta_sim_ci"] = bootstrap(mean, sims[b] - sims[a], **boot)
+            if hits.get(a) is not None and hits.get(b) is not None:
+                d["delta_acc"], d["delta_acc_ci"] = bootstrap(
+                    mean, (np.array(hits[b]) - np.array(hits[a])) / 2, **boot)
+    return out

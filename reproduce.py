@@ -130,41 +130,48 @@ def from_scratch(out, p, timings):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The paper's claims, each a test on the evaluation's numbers (deltas are paired-bootstrap 95% intervals).
+# The paper's claims, each a rule with a margin on the evaluation's numbers. Differences are the later system
+# minus the earlier one on the same utterances, with paired-bootstrap 95% intervals [lo, hi].
+
+STEP_SLACK = 0.02  # a round may be worse than the one before by less than this much WER (upper CI end)
+RELATIVE_GAIN = 0.15  # round R's WER this much below SFT's, relative, on the point estimate (the paper: 17%)
+SIM_SLACK = 0.005  # SIM may fall by less than this (lower CI end of round R - SFT)
+
 
 def claims(report, rounds):
-    S, P, last = report["systems"], report["pairwise"], f"round{rounds}"
+    """[(claim, what was measured, held)] and the same as a Markdown table."""
+    P, last = report["pairwise"], f"round{rounds}"
 
-    def d(key, metric="wer"):
-        x = P[key]
-        return x[f"delta_{metric}"], x[f"delta_{metric}_ci"]
+    def d(key, metric="delta_wer"):  # (value, lo, hi, "value [lo, hi]")
+        v, (lo, hi) = P[key][metric], P[key][f"{metric}_ci"]
+        return v, lo, hi, f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
-    def show(v, ci):
-        return f"{v:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
-
-    gaps = [S[n]["gap"] for n in ["sft"] + [f"round{t}" for t in range(1, rounds + 1)]]
     rows = []
-    v, ci = d("sft_vs_golden_l1_nar")
-    rows.append(("the gap: the same NAR gives higher WER from the SFT AR's layer 1 than from golden",
-                 f"WER sft - golden_l1_nar {show(v, ci)}", ci[0] > 0))
-    v, ci = d("round1_vs_sft")
-    rows.append(("DPO round 1 lowers WER against the SFT model", f"WER round1 - sft {show(v, ci)}", ci[1] < 0))
-    v, ci = d(f"{last}_vs_round1")
-    rows.append((f"round {rounds} is no worse than round 1 (not measurably higher WER)",
-                 f"WER {last} - round1 {show(v, ci)}", ci[0] <= 0))
-    v, ci = d(f"control_vs_{last}")
-    rows.append((f"DPO beats the continued-SFT control at equal budget ({rounds} rounds)",
-                 f"WER control - {last} {show(v, ci)}", ci[0] > 0))
-    v, ci = d("control_round1_vs_round1")
-    rows.append(("... and after 1 round", f"WER control_round1 - round1 {show(v, ci)}", ci[0] > 0))
-    v, ci = d(f"{last}_vs_sft", "sim")
-    rows.append(("SIM does not fall (not measurably lower than the SFT model's)",
-                 f"SIM {last} - sft {show(v, ci)}", ci[1] >= 0))
-    seq = [g["classifier_acc"] for g in gaps]  # held on the points; the Wilson intervals are shown beside them
-    rows.append(("the golden-vs-synthetic classifier's accuracy falls across rounds (95% Wilson intervals)",
-                 "accuracy " + " → ".join(f"{g['classifier_acc']:.3f} [{g['classifier_acc_ci'][0]:.3f}, "
-                                          f"{g['classifier_acc_ci'][1]:.3f}]" for g in gaps),
-                 all(b < a for a, b in zip(seq, seq[1:]))))
+    v, lo, hi, m = d("sft_vs_golden_l1_nar")
+    rows.append(("the gap: the same NAR gives a higher WER from the SFT AR's layer 1 than from golden layer 1",
+                 f"WER sft − golden_l1_nar {m}", lo > 0))
+    v, lo, hi, m = d("round1_vs_sft")
+    rows.append(("DPO round 1 lowers WER against the SFT model", f"WER round1 − sft {m}", hi < 0))
+    v, lo, hi, m = d(f"{last}_vs_round1")
+    rows.append((f"gains accumulate: round {rounds} beats round 1", f"WER {last} − round1 {m}", hi < 0))
+    steps = [d(f"round{t}_vs_round{t - 1}") for t in range(2, rounds + 1)]
+    rows.append((f"... and no round is worse than the one before by {STEP_SLACK} WER or more (upper CI end)",
+                 "; ".join(f"WER round{t} − round{t - 1} {m}" for t, (*_, m) in enumerate(steps, 2)),
+                 all(hi < STEP_SLACK for _, _, hi, _ in steps)))
+    v, lo, hi, m = d(f"{last}_vs_sft", "rel_wer") if "rel_wer" in P[f"{last}_vs_sft"] else (0, 0, 0, "no SFT error")
+    rows.append((f"round {rounds} is at least {RELATIVE_GAIN:.0%} below SFT, relative (the paper: 17%)",
+                 f"WER ({last} − sft) / sft {m}", v <= -RELATIVE_GAIN))
+    v, lo, hi, m = d(f"control_vs_{last}")
+    rows.append((f"DPO beats the continued-SFT control at equal budget after {rounds} rounds",
+                 f"WER control − {last} {m}", lo > 0))
+    v, lo, hi, m = d(f"{last}_vs_sft", "delta_sim")
+    rows.append((f"SIM does not fall by {SIM_SLACK} or more (lower CI end)", f"SIM {last} − sft {m}",
+                 lo > -SIM_SLACK))
+    v, lo, hi, m = d(f"{last}_vs_sft", "delta_acc")
+    accs = " → ".join(f"{report['systems'][n]['gap']['classifier_acc']:.3f}"
+                      for n in ["sft"] + [f"round{t}" for t in range(1, rounds + 1)])
+    rows.append((f"the golden-vs-synthetic classifier's accuracy falls from SFT to round {rounds}",
+                 f"accuracy {accs}; {last} − sft {m}", hi < 0))
     table = ["| claim | measured | held |", "|---|---|---|"]
     table += [f"| {c} | {m} | {'yes' if ok else '**no**'} |" for c, m, ok in rows]
     return table, rows
@@ -177,7 +184,14 @@ def main():
     ap.add_argument("--from_scratch", action="store_true",
                     help="synthesise the corpus (needs flite, festival and espeak-ng), fit the codec, pretrain "
                          "AR and NAR (toy preset: hours on 2 cores; README.md) instead of using data/toy/")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S",
+                    help="seeds of the DPO rounds and the control (their rejected samples, prompts and batch "
+                         "order: speechalign.py --seed). The first is the main run (OUT/align, OUT/control, "
+                         "OUT/eval); each other seed S runs into OUT/seedS/, judged on the same test list against "
+                         "the same baselines, and the claims are checked per seed (README: --seeds 0 1 2)")
     args = ap.parse_args()
+    if len(set(args.seeds)) < len(args.seeds):
+        ap.error(f"--seeds {' '.join(map(str, args.seeds))}: each seed once")
     out, p = args.out or os.path.join("runs", args.preset), PRESETS[args.preset]
     os.makedirs(out, exist_ok=True)
     timings_path = os.path.join(out, "timings.json")
@@ -189,44 +203,60 @@ def main():
     align = ["speechalign.py", "--init", files["ar"], *data, "--precision", PRECISION, "--threads", "1", *p["align"]]
     rounds = align_args(align[1:]).rounds  # as speechalign.py will read the preset's arguments
     ev = ["eval.py", "--nar", files["nar"], "--codec", files["codec"], "--test_seen", files["test_seen"],
-          "--test_unseen", files["test_unseen"], "--nar_precision", PRECISION, "--out", os.path.join(out, "eval"),
-          *p["eval"]]
-    sft, control = f"sft={files['ar']}", f"control={out}/control/round{rounds}/ar.pt"
+          "--test_unseen", files["test_unseen"], "--nar_precision", PRECISION,
+          "--cache", os.path.join(out, "eval", "cache"), *p["eval"]]  # one cache: the baselines are scored once
+    sft = f"sft={files['ar']}"
+    dirs = {s: out if s == args.seeds[0] else os.path.join(out, f"seed{s}") for s in args.seeds}
 
     # Two lanes (2 cores): the DPO rounds in one, the control and the baselines' evaluation in the other; then
-    # each new system is scored by whichever lane is free, and a last eval.py writes the report from the cache.
-    # control_round1 against round1 is the equal-budget comparison after one round; control against round3 after all
-    controls = [f"control_round1={out}/control/round1/ar.pt", control]
-    systems = [f"round{t}={out}/align/round{t}/ar.pt" for t in range(1, rounds + 1)] + controls
-    score = [(f"score {s.split('=')[0]}", [*ev, "--score_only", "--ar", s],
-              ["control" if s in controls else "DPO rounds"]) for s in controls + systems[:rounds]]
-    schedule([("DPO rounds", [*align, "--out", os.path.join(out, "align")], []),
-              ("control", [*align, "--control", "--out", os.path.join(out, "control")], []),
-              ("eval baselines", [*ev, "--ar", sft], []),
-              *score,
-              ("eval", [*ev, *(x for s in [sft] + systems for x in ("--ar", s))],
-               [t[0] for t in score] + ["eval baselines"])],
-             timings)
+    # each new system is scored by whichever lane is free, and a last eval.py per seed writes its report from
+    # the cache. Another seed's rounds start as soon as a lane is free. control_round1 is the control after one
+    # round's budget, control after all rounds'.
+    tasks = []
+    for seed, run in dirs.items():
+        tag = "" if run == out else f" (seed {seed})"
+        evs = [*ev, "--out", os.path.join(run, "eval")]
+        controls = [f"control_round1={run}/control/round1/ar.pt", f"control={run}/control/round{rounds}/ar.pt"]
+        systems = [f"round{t}={run}/align/round{t}/ar.pt" for t in range(1, rounds + 1)] + controls
+        score = [(f"score {s.split('=')[0]}{tag}", [*evs, "--score_only", "--ar", s],
+                  [("control" if s in controls else "DPO rounds") + tag]) for s in controls + systems[:rounds]]
+        tasks += [("DPO rounds" + tag, [*align, "--seed", str(seed), "--out", os.path.join(run, "align")], []),
+                  ("control" + tag, [*align, "--seed", str(seed), "--control", "--out", os.path.join(run, "control")],
+                   [])]
+        if not tag:
+            tasks.append(("eval baselines", [*evs, "--ar", sft], []))
+        tasks += [*score, ("eval" + tag, [*evs, *(x for s in [sft] + systems for x in ("--ar", s))],
+                           [t[0] for t in score] + ["eval baselines"])]
+    schedule(tasks, timings)
     timings["total"] = round(time.time() - t0, 1)
     runs.append(timings)
     write_text(timings_path, json.dumps(runs, indent=1))
 
-    report = json.load(open(os.path.join(out, "eval", "report.json")))
-    claim_table, _ = claims(report, rounds)
+    checked = {s: claims(json.load(open(os.path.join(run, "eval", "report.json"))), rounds) for s, run in dirs.items()}
+    claim_table, rows = checked[args.seeds[0]]
+    seed_table = [f"| claim | {' | '.join(f'seed {s}' for s in dirs)} |", "|---|" + "---|" * len(dirs)]
+    for i, (claim, _, _) in enumerate(rows):  # a row per claim, a column per seed
+        cells = [f"{'yes' if r[i][2] else '**no**'}: {r[i][1]}" for _, r in checked.values()]
+        seed_table.append(f"| {claim} | {' | '.join(cells)} |")
     eval_md = open(os.path.join(out, "eval", "report.md")).read()
     results_table = eval_md.split("\n\n")[1].splitlines()  # the systems table comes first in eval's report
     stages = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items() if k != "total")
     earlier = ", ".join(f"{r['total'] / 60:.1f} min" for r in runs[:-1])
     earlier = f"; earlier runs into {out}: {earlier} (what they finished was skipped here)" if earlier else ""
+    seeds = f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0] else ""
     md = [f"# SpeechAlign toy reproduction ({args.preset} preset)", "", "## The paper's claims", "", *claim_table, "",
+          *([f"Per seed of the DPO rounds and the control (seed {args.seeds[0]} above; the others' reports: "
+             "`seed<S>/eval/report.md`):", "", *seed_table, ""] if len(dirs) > 1 else []),
           f"Wall time of this run: {timings['total'] / 60:.1f} min ({stages}){earlier}.",
           f"Command: `python reproduce.py --preset {args.preset}"
-          f"{' --from_scratch' if args.from_scratch else ''} --out {out}`.", "",
+          f"{' --from_scratch' if args.from_scratch else ''}{seeds} --out {out}`.", "",
           "Plots: `eval/metrics.png`, `eval/gap_pca.png`, `eval/training.png`; WAVs: `eval/samples/`; "
           "a page to listen to them: `eval/report.html`.", "",
           eval_md.replace("# Evaluation report", "## Evaluation")]
     write_text(os.path.join(out, "report.md"), "\n".join(md))
     print("\n" + "\n".join(results_table) + "\n\n" + "\n".join(claim_table))
+    if len(dirs) > 1:
+        print("\n" + "\n".join(seed_table))
     print(f"\nwall time this run: {timings['total'] / 60:.1f} min")
     print(f"listening page: {os.path.join(out, 'eval', 'report.html')}")
     print(f"report: {os.path.join(out, 'report.md')}")

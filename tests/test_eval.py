@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from codec import MelRVQCodec, load_corpus
-from eval import NORMALIZATION, bootstrap, corpus_rate, corpus_wer, gap_classifier_acc, main, mean, wilson
+from eval import NORMALIZATION, bootstrap, corpus_rate, corpus_wer, gap_classifier, main, mean, wilson
 from eval import test_set as build_test_set  # under its own name pytest would collect it as a test
 from report import safe_name
 from speechalign import SAMPLING, TextTokenizer, load_model
@@ -81,10 +81,10 @@ def _draw(n, probs, g):
 def test_gap_classifier_chance_on_identical_inputs_and_perfect_on_separable_ones():
     g = torch.Generator().manual_seed(0)
     zipf = 1 / torch.arange(1, 257).float()
-    acc = gap_classifier_acc(_draw(200, zipf, g), _draw(200, zipf, g), card=256)
-    assert abs(acc - 0.5) < 0.1, acc  # 400 held-out decisions: SD of the accuracy about 0.025
-    acc = gap_classifier_acc(_draw(60, zipf, g), _draw(60, zipf.roll(128), g), card=256)
-    assert acc == 1.0
+    hits = gap_classifier(_draw(200, zipf, g), _draw(200, zipf, g), card=256)
+    assert len(hits) == 200 and set(hits) <= {0, 1, 2}
+    assert abs(sum(hits) / 400 - 0.5) < 0.1, hits  # 400 held-out decisions: SD of the accuracy about 0.025
+    assert gap_classifier(_draw(60, zipf, g), _draw(60, zipf.roll(128), g), card=256) == [2] * 60
 
 
 def test_wilson_interval_matches_published_values():
@@ -101,8 +101,8 @@ def test_gap_classifier_folds_keep_an_utterances_two_sequences_together():
     the accuracy fall well below 0.5."""
     g = torch.Generator().manual_seed(0)
     seqs = _draw(40, 1 / torch.arange(1, 257).float(), g)
-    assert gap_classifier_acc(seqs, seqs, card=256) == 0.5
-    assert gap_classifier_acc(seqs[:1], seqs[:1], card=256) is None
+    assert gap_classifier(seqs, seqs, card=256) == [1] * 40  # one of each utterance's two is right
+    assert gap_classifier(seqs[:1], seqs[:1], card=256) is None
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -172,6 +172,7 @@ def test_report_numbers(evaluated):
         gap = S[name]["gap"]
         assert gap["wer_golden_ar"] == S["golden_l1_nar"]["wer"] and gap["wer_synthetic_ar"] == S[name]["wer"]
         assert gap["sim_golden_ar"] == S["golden_l1_nar"]["sim"] and 0 <= gap["classifier_acc"] <= 1
+        assert gap["classifier_acc"] == sum(gap["classifier_hits"]) / 12 and len(gap["classifier_hits"]) == 6
     # ar.step10.pt holds the weights of ar.pt (both written at step 10): same seed, same samples, same scores,
     # though sft was judged in-process (run 1) and step10 by worker processes (run 2, --jobs 2)
     assert S["step10"]["per_utterance"] == S["sft"]["per_utterance"]
@@ -186,6 +187,14 @@ def test_report_numbers(evaluated):
             assert d["delta_sim"] == pytest.approx(S[b]["sim"] - S[a]["sim"])
             assert d["delta_wer_ci"][0] <= d["delta_wer"] <= d["delta_wer_ci"][1]
             assert d["delta_sim_ci"][0] <= d["delta_sim"] <= d["delta_sim_ci"][1]
+            if S[a]["wer"] > 0:  # relative WER from the two systems' reported WERs
+                assert d["rel_wer"] == pytest.approx(S[b]["wer"] / S[a]["wer"] - 1)
+                assert d["rel_wer_ci"][0] <= d["rel_wer"] <= d["rel_wer_ci"][1]
+            if S[a]["gap"] and S[b]["gap"]:  # two ARs: their classifier accuracies' difference
+                assert d["delta_acc"] == pytest.approx(S[b]["gap"]["classifier_acc"] - S[a]["gap"]["classifier_acc"])
+                assert d["delta_acc_ci"][0] <= d["delta_acc"] <= d["delta_acc_ci"][1]
+            else:
+                assert "delta_acc" not in d
 
 
 @requires_models
