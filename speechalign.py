@@ -620,10 +620,13 @@ class AlignArgs:
     sft_weight: float = field(default=0.0, metadata={
         "help": "alpha: weight of an SFT term on the chosen side"})
     lr: float = field(default=2e-5, metadata={
-        "help": "AdamW learning rate (after a linear warmup)"})
+        "help": "AdamW learning rate of the DPO rounds (after a linear warmup)"})
+    control_lr: float = field(default=5e-5, metadata={
+        "help": "AdamW learning rate of the control, chosen on dev by itself so that DPO is not "
+                "compared with an untuned baseline (data/README.md)"})
     lr_decay: float = field(default=0.5, metadata={
-        "help": "round t trains at lr * lr_decay^(t-1) (at 1.0, rounds 2-3 over-optimised the toy "
-                "model; data/README.md)"})
+        "help": "round t trains at (control_)lr * lr_decay^(t-1) (at 1.0, rounds 2-3 over-optimised "
+                "the toy model; data/README.md)"})
     warmup: int = field(default=10, metadata={"help": "warmup steps"})
     steps: int = field(default=40, metadata={"help": "optimizer steps per round"})
     batch_size: int = field(default=16, metadata={
@@ -949,7 +952,7 @@ def align(a):
                                       desc="reference log-probs")
             pairs["reference"] = ref | {"idx": torch.tensor(idx)}
         save_checkpoint(os.path.join(folder, "pairs.pt"), **pairs)
-        lr = a.lr * a.lr_decay ** (t - 1)  # smaller steps in later rounds
+        lr = (a.control_lr if a.control else a.lr) * a.lr_decay ** (t - 1)  # smaller in later rounds
         t0 = time.time()
         with open(os.path.join(folder, "log.jsonl"), "w") as log:
             # `before`: the policy as training sees it before its first step, where pi = pi_ref:

@@ -324,9 +324,10 @@ def test_finished_rounds_are_not_redone_and_other_settings_are_refused(init_ckpt
 
 
 def test_control_trains_on_golden_codes_with_the_same_budget(init_ckpt, tmp_path):
-    history = sa.align(args(init_ckpt, tmp_path, "--rounds", "1", "--control"))
+    history = sa.align(args(init_ckpt, tmp_path, "--rounds", "1", "--control", "--control_lr", "3e-3"))
     log = [json.loads(line) for line in open(tmp_path / "round1/log.jsonl")]
     assert len(log) == 4 and "rewards/margins" not in log[0]
+    assert [r["lr"] for r in log] == pytest.approx([3e-3] * 4)  # its own rate, not DPO's --lr 1e-3
     assert history[0]["pairs"]["n_pairs"] == 0  # nothing was sampled
     model = sa.load_model(tmp_path / "round1/ar.pt", "ar")[0]
     init = sa.load_model(init_ckpt, "ar")[0]
