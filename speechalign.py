@@ -427,8 +427,8 @@ def frame_limit(seconds_per_token, frame_rate, n_text):
     return math.ceil(round(seconds_per_token * frame_rate * n_text, 6))
 
 
-# Default sampling, shared by inference (eval.py, synthesize.py) and by SpeechAlign's rejected
-# samples: the pairs should show the model's mistakes as they happen at inference. Temperature 0.5
+# Default sampling of inference (eval.py, synthesize.py); SpeechAlign's rejected samples take its
+# top-k and length limit but their own temperature (AlignArgs.temperature). Temperature 0.5
 # was chosen on the dev splits (data/README.md): the shipped SFT model's WER is flat from greedy to
 # 0.5 and rises steeply above it (at 1.0 it is at chance), and of the flat part 0.5 leaves the most
 # variety between samples, which DPO's rejected samples need (greedy would give one per prompt).
@@ -607,8 +607,10 @@ class AlignArgs:
     k: int = field(default=2, metadata={"help": "rejected samples per utterance"})
     prompt_seconds: float = field(default=3.0, metadata={
         "help": "cross-sentence acoustic prompt length"})
-    temperature: float = field(default=SAMPLING["temperature"], metadata={
-        "help": "sampling of rejected codes"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "sampling of rejected codes. Above inference's 0.5 (SAMPLING), chosen on dev: at 0.5 "
+                "the samples are more likely than the golden codes, and DPO pushing them down made "
+                "WER worse (data/README.md)"})
     top_k: int = field(default=SAMPLING["top_k"], metadata={
         "help": "sampling of rejected codes (0: no top-k)"})
     seconds_per_token: float = field(default=SAMPLING["seconds_per_token"], metadata={
