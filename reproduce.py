@@ -210,13 +210,13 @@ def main():
 
     # Two lanes (2 cores): the DPO rounds in one, the control and the baselines' evaluation in the other; then
     # each new system is scored by whichever lane is free, and a last eval.py per seed writes its report from
-    # the cache. Another seed's rounds start as soon as a lane is free. control_round1 is the control after one
-    # round's budget, control after all rounds'.
+    # the cache. Another seed's rounds start as soon as a lane is free. The control is scored after all rounds'
+    # budget only, for the one claim that reads it: each scored system is one more pass of the judges.
     tasks = []
     for seed, run in dirs.items():
         tag = "" if run == out else f" (seed {seed})"
         evs = [*ev, "--out", os.path.join(run, "eval")]
-        controls = [f"control_round1={run}/control/round1/ar.pt", f"control={run}/control/round{rounds}/ar.pt"]
+        controls = [f"control={run}/control/round{rounds}/ar.pt"]
         systems = [f"round{t}={run}/align/round{t}/ar.pt" for t in range(1, rounds + 1)] + controls
         score = [(f"score {s.split('=')[0]}{tag}", [*evs, "--score_only", "--ar", s],
                   [("control" if s in controls else "DPO rounds") + tag]) for s in controls + systems[:rounds]]

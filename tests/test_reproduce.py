@@ -15,7 +15,7 @@ from reproduce import claims
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-SYSTEMS = ["golden", "golden_l1", "golden_l1_nar", "sft", "round1", "round2", "round3", "control_round1", "control"]
+SYSTEMS = ["golden", "golden_l1", "golden_l1_nar", "sft", "round1", "round2", "round3", "control"]
 
 
 def reproduce(*args):
@@ -100,9 +100,9 @@ def test_the_rounds_are_those_the_preset_asks_speechalign_for(tmp_path, monkeypa
     ev = tasks["eval"]
     assert [ev[i + 1] for i, x in enumerate(ev) if x == "--ar"] == [
         "sft=data/toy/sft_ar.pt", f"round1={out}/align/round1/ar.pt", f"round2={out}/align/round2/ar.pt",
-        f"control_round1={out}/control/round1/ar.pt", f"control={out}/control/round2/ar.pt"]
+        f"control={out}/control/round2/ar.pt"]
     assert sorted(t for t in tasks if t.startswith("score")) == [
-        "score control", "score control_round1", "score round1", "score round2"]
+        "score control", "score round1", "score round2"]
     printed = capsys.readouterr().out
     assert "| gains accumulate: round 2 beats round 1" in printed and "WER control − round2" in printed
     assert "round3" not in printed
