@@ -1,6 +1,6 @@
 """The main job: SpeechAlign's toy reproduction, one command from the shipped SFT model to the report.
 
-    python reproduce.py                    # 3 DPO rounds, the control, evaluation, report: 27 min on 2 CPU cores
+    python reproduce.py                    # 3 DPO rounds, the control, evaluation, report (wall time: README.md)
     python reproduce.py --preset smoke     # the same pipeline at a tiny size, < 2 min (the tests run it)
     python reproduce.py --from_scratch     # first synthesise the corpus, fit the codec and pretrain (hours more)
 
