@@ -431,7 +431,7 @@ def frame_limit(seconds_per_token, frame_rate, n_text):
 # top-k and length limit but their own temperature (AlignArgs.temperature). Temperature 0.5
 # was chosen on the dev splits (data/README.md): the shipped SFT model's WER is flat from greedy to
 # 0.5 and rises steeply above it (at 1.0 it is at chance), and of the flat part 0.5 leaves the most
-# variety between samples, which DPO's rejected samples need (greedy would give one per prompt).
+# variety between samples.
 # Top-k 50 cuts the long tail of a 1024-code layer. The length limit, 0.16 s per text token, was 8
 # frames per token, set on the toy codec at 50 Hz.
 SAMPLING = dict(temperature=0.5, top_k=50, top_p=None, seconds_per_token=0.16)
