@@ -216,10 +216,11 @@ def main():
     for seed, run in dirs.items():
         tag = "" if run == out else f" (seed {seed})"
         evs = [*ev, "--out", os.path.join(run, "eval")]
-        controls = [f"control={run}/control/round{rounds}/ar.pt"]
-        systems = [f"round{t}={run}/align/round{t}/ar.pt" for t in range(1, rounds + 1)] + controls
-        score = [(f"score {s.split('=')[0]}{tag}", [*evs, "--score_only", "--ar", s],
-                  [("control" if s in controls else "DPO rounds") + tag]) for s in controls + systems[:rounds]]
+        control = f"control={run}/control/round{rounds}/ar.pt"
+        systems = [f"round{t}={run}/align/round{t}/ar.pt" for t in range(1, rounds + 1)] + [control]
+        made_by = [(control, "control")] + [(s, "DPO rounds") for s in systems[:rounds]]  # the control is first ready
+        score = [(f"score {s.split('=')[0]}{tag}", [*evs, "--score_only", "--ar", s], [task + tag])
+                 for s, task in made_by]
         tasks += [("DPO rounds" + tag, [*align, "--seed", str(seed), "--out", os.path.join(run, "align")], []),
                   ("control" + tag, [*align, "--seed", str(seed), "--control", "--out", os.path.join(run, "control")],
                    [])]
