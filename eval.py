@@ -322,6 +322,9 @@ def get_args(argv=None):
                     help="decode the NAR's layers 2..Q from its argmax codes, or as the expected codebook vectors "
                          "(sum_c p(c) * entry c, per layer) on top of layer 1 (speechalign.NAR.generate says why); "
                          "for golden_l1_nar and every AR")
+    ap.add_argument("--golden_l1", action=argparse.BooleanOptionalAction, default=True,
+                    help="also judge golden layer 1 alone, decoded without upper layers: what the NAR adds to "
+                         "it (the main job leaves it out: one system less to judge)")
     ap.add_argument("--n_samples", type=int, default=3, help="WAV samples per system")
     ap.add_argument("--n_boot", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0, help="seeds prompts, sampling, bootstrap and classifier folds")
@@ -453,9 +456,9 @@ def main(argv=None):
     if not args.score_only:
         results["golden"] = cached(args.cache, base | shown | {"what": "golden"}, lambda: score(
             "golden", golden_codes) | {"hit_limit": [False] * len(examples)})
-        # golden layer 1 alone: what the NAR must improve on (its layers 2..Q should add the voice and detail)
-        results["golden_l1"] = cached(args.cache, base | shown | {"what": "golden_l1"}, lambda: score(
-            "golden_l1", [g[:1] for g in golden_codes]) | {"hit_limit": [False] * len(examples)})
+        if args.golden_l1:  # golden layer 1 alone: what the NAR must improve on (its layers 2..Q add voice and detail)
+            results["golden_l1"] = cached(args.cache, base | shown | {"what": "golden_l1"}, lambda: score(
+                "golden_l1", [g[:1] for g in golden_codes]) | {"hit_limit": [False] * len(examples)})
         key = base | shown | {"what": "golden_l1_nar", "nar": nar_key, "batch": args.batch_size}
         results["golden_l1_nar"] = cached(args.cache, key, lambda: run("golden_l1_nar", None, golden_layer1=True))
     for name, path in systems:

@@ -87,7 +87,8 @@ def plot_curve(path, curve):
     ax.errorbar(curve["steps"], wer, yerr=np.abs(ci - wer), marker="o", capsize=3, label="AR snapshot + NAR")
     for key, label, style in (("golden", "golden resynthesis", ":"), ("golden_l1", "golden layer 1 alone", (0, (1, 3))),
                               ("golden_l1_nar", "golden layer 1 + NAR", "--"), ("chance", "chance", "-.")):
-        ax.axhline(curve[f"{key}_wer"], ls=style, color="gray", label=label)
+        if f"{key}_wer" in curve:  # (golden_l1: unless --no-golden_l1)
+            ax.axhline(curve[f"{key}_wer"], ls=style, color="gray", label=label)
     ax.set_xlabel("training step")
     ax.set_ylabel("test WER")
     ax.legend(fontsize=8)
@@ -142,7 +143,8 @@ def markdown(r):
              f"- SIM: {r['sim_kind']}.",
              "- An utterance the judges cannot score (its codes do not decode, or the ASR or the speaker encoder fails "
              "on it) counts as all deletions in WER and is left out of SIM (and counted); the list is at the end.",
-             "- `golden`: codec resynthesis of all golden layers (upper bound); `golden_l1`: golden layer 1 alone; "
+             "- `golden`: codec resynthesis of all golden layers (upper bound); "
+             f"{'`golden_l1`: golden layer 1 alone; ' if 'golden_l1' in r['systems'] else ''}"
              "`golden_l1_nar`: golden layer 1 + the NAR; `chance`: golden transcripts scored against other "
              "utterances' sentences.",
              f"- Codec: {r['codec']}. NAR: {r['nar']}, its upper layers decoded from its {r['nar_decoding']} "
@@ -192,7 +194,7 @@ def page_clips(results, ids, prompts, golden, page):
 
     return {"prompt": {ids[i]: (prompts[i], None) for i in page},
             "golden": {ids[i]: (golden[i], None) for i in page},
-            "golden_l1": {ids[i]: (golden[i][:1], None) for i in page},
+            **({"golden_l1": {ids[i]: (golden[i][:1], None) for i in page}} if "golden_l1" in results else {}),
             **{n: kept(r) for n, r in results.items() if n not in ("golden", "golden_l1")}}
 
 
@@ -288,8 +290,7 @@ def write_report(out, report, codec, samples, gap_features, checkpoints, page, c
     if curve_names:
         curve = dict(steps=[S[n]["step"] for n in curve_names], checkpoints=[S[n]["checkpoint"] for n in curve_names],
                      **{k: [S[n][k] for n in curve_names] for k in ("wer", "wer_ci", "sim", "sim_ci")},
-                     golden_wer=S["golden"]["wer"], golden_l1_wer=S["golden_l1"]["wer"],
-                     golden_l1_nar_wer=S["golden_l1_nar"]["wer"],
+                     **{f"{n}_wer": S[n]["wer"] for n in ("golden", "golden_l1", "golden_l1_nar") if n in S},
                      chance_wer=chance["wer"])
         write_text(os.path.join(out, "curve.json"), json.dumps(curve, indent=1))
         plot_curve(os.path.join(out, "curve.png"), curve)

@@ -203,7 +203,7 @@ def main():
     align = ["speechalign.py", "--init", files["ar"], *data, "--precision", PRECISION, "--threads", "1", *p["align"]]
     rounds = align_args(align[1:]).rounds  # as speechalign.py will read the preset's arguments
     ev = ["eval.py", "--nar", files["nar"], "--codec", files["codec"], "--test_seen", files["test_seen"],
-          "--test_unseen", files["test_unseen"], "--nar_precision", PRECISION,
+          "--test_unseen", files["test_unseen"], "--nar_precision", PRECISION, "--no-golden_l1",  # no claim reads it
           "--cache", os.path.join(out, "eval", "cache"), *p["eval"]]  # one cache: the baselines are scored once
     sft = f"sft={files['ar']}"
     dirs = {s: out if s == args.seeds[0] else os.path.join(out, f"seed{s}") for s in args.seeds}

@@ -608,9 +608,9 @@ class AlignArgs:
     prompt_seconds: float = field(default=3.0, metadata={
         "help": "cross-sentence acoustic prompt length"})
     temperature: float = field(default=1.0, metadata={
-        "help": "sampling of rejected codes. Above inference's 0.5 (SAMPLING), chosen on dev: at 0.5 "
-                "the samples are more likely than the golden codes, and DPO pushing them down made "
-                "WER worse (data/README.md)"})
+        "help": "sampling of rejected codes. Above inference's 0.5 (SAMPLING), chosen on dev: at "
+                "0.5 the samples are more likely than the golden codes, and DPO pushing them down "
+                "made WER worse (data/README.md)"})
     top_k: int = field(default=SAMPLING["top_k"], metadata={
         "help": "sampling of rejected codes (0: no top-k)"})
     seconds_per_token: float = field(default=SAMPLING["seconds_per_token"], metadata={
@@ -627,8 +627,8 @@ class AlignArgs:
         "help": "AdamW learning rate of the control, chosen on dev by itself so that DPO is not "
                 "compared with an untuned baseline (data/README.md)"})
     lr_decay: float = field(default=0.5, metadata={
-        "help": "round t trains at (control_)lr * lr_decay^(t-1) (at 1.0, rounds 2-3 over-optimised "
-                "the toy model; data/README.md)"})
+        "help": "round t trains at (control_)lr * lr_decay^(t-1) (at 1.0, rounds 2-3 "
+                "over-optimised the toy model; data/README.md)"})
     warmup: int = field(default=10, metadata={"help": "warmup steps"})
     steps: int = field(default=40, metadata={"help": "optimizer steps per round"})
     batch_size: int = field(default=16, metadata={
@@ -636,6 +636,10 @@ class AlignArgs:
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
     sample_batch: int = field(default=64, metadata={
         "help": "sequences per KV-cache sampling batch"})
+    reward_pairs: int = field(default=64, metadata={
+        "help": "the round's first usable pairs whose rewards metrics.json reports before and "
+                "after training, a diagnostic (0: all; two passes over all 600 pairs cost a fifth "
+                "of a round)"})
     precision: str = field(default="fp32", metadata={
         "help": "fp32 or bf16 (autocast; log-probs stay fp32)"})
     threads: int = field(default=2, metadata={"help": "CPU threads"})
@@ -857,23 +861,23 @@ def optimizer_step(model, opt, loss, grad_clip):
     return {"loss": loss.item(), "grad_norm": norm.item()}
 
 
-def train_round(policy, pairs, idx, ref, a, log=None, before=False, lr=None):
+def train_round(policy, pairs, idx, ref, a, log=None, before=0, lr=None):
     """One round: a.steps optimizer steps (dpo_step) of a.batch_size of the pairs `idx`, whose
     reference log-probs `ref` are in idx's order; with a.control, sft_step on the golden codes of
     the utterances `idx`. lr: the round's learning rate (default a.lr), after a.warmup linear
     warmup steps. Batches are drawn in epochs over idx, each in a fresh order.
 
-    With `before`, it first takes the policy's log-probs of every pair in idx as training computes
-    them (this mode, this autocast, the same forward, a.batch_size pairs at a time) and returns
-    them: against the reference's, the `before` rewards, near 0 only if training sees the policy as
-    the reference was measured."""
+    With `before` = n, it first takes the policy's log-probs of the first n pairs of idx as training
+    computes them (this mode, this autocast, the same forward, a.batch_size pairs at a time) and
+    returns them: against the reference's, the `before` rewards, near 0 only if training sees the
+    policy as the reference was measured."""
     lr = a.lr if lr is None else lr
     policy.eval()
     if a.control:
         golden = golden_examples(pairs, idx)
     else:
         pairs = select_pairs(pairs, idx)  # from here on, pair r is row r of ref
-    measured = training_logps(policy, pairs, a) if before else None
+    measured = training_logps(policy, select_pairs(pairs, range(before)), a) if before else None
     opt = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     order = torch.Generator().manual_seed(a.seed)
     queue = []
@@ -954,20 +958,23 @@ def align(a):
                                       desc="reference log-probs")
             pairs["reference"] = ref | {"idx": torch.tensor(idx)}
         save_checkpoint(os.path.join(folder, "pairs.pt"), **pairs)
-        lr = (a.control_lr if a.control else a.lr) * a.lr_decay ** (t - 1)  # smaller in later rounds
+        lr = (a.control_lr if a.control else a.lr) * a.lr_decay ** (t - 1)  # lower in later rounds
+        shown = 0 if a.control else len(idx[:a.reward_pairs or None])  # pairs the rewards are of
         t0 = time.time()
         with open(os.path.join(folder, "log.jsonl"), "w") as log:
             # `before`: the policy as training sees it before its first step, where pi = pi_ref:
             # rewards near 0 (not exactly: batches padded to other lengths round differently, by up
             # to ~0.2 nats in bf16)
-            before = train_round(policy, pairs, idx, ref, a, log, before=not a.control, lr=lr)
+            before = train_round(policy, pairs, idx, ref, a, log, before=shown, lr=lr)
         metrics = dict(round=t, control=a.control, pairs=pairs["stats"], usable_pairs=len(idx),
                        train_seconds=round(time.time() - t0, 1), args=asdict(a))
         if not a.control:
             with autocast(a.precision, dev):
-                after = reference_logps(policy, pairs, idx, a.batch_size, dev, desc="rewards after")
-            metrics |= {"before": reward_metrics(before, ref, a.beta),
-                        "after": reward_metrics(after, ref, a.beta)}
+                after = reference_logps(policy, pairs, idx[:shown], a.batch_size, dev,
+                                        desc="rewards after")
+            ref_shown = {side: ref[side][:shown] for side in ("chosen", "rejected")}
+            metrics |= {"before": reward_metrics(before, ref_shown, a.beta),
+                        "after": reward_metrics(after, ref_shown, a.beta), "reward_pairs": shown}
         save_round(folder, policy, tok, ckpt, a, metrics)
         history.append(metrics)
     return history
@@ -998,8 +1005,9 @@ def finished_round(folder, t, a, dev):
     if not (os.path.exists(out_ckpt) and os.path.exists(metrics_path)):
         return None
     policy, _, done = load_model(out_ckpt, "ar", dev)
-    check_same("round checkpoint", out_ckpt, done["args"], {
-        k: v for k, v in asdict(a).items() if k not in ("rounds", "threads", "sample_batch")})
+    unused = ("rounds", "threads", "sample_batch", "reward_pairs")  # weights do not depend on these
+    check_same("round checkpoint", out_ckpt, done["args"],
+               {k: v for k, v in asdict(a).items() if k not in unused})
     with open(metrics_path) as f:
         metrics = json.load(f)
     print(f"round {t}: done before, loaded {out_ckpt}")

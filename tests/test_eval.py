@@ -507,3 +507,21 @@ def test_the_page_plays_the_judged_samples_and_reuses_entries_cached_before_it(t
     for system, n in (("prompt", 6), ("golden", 6), ("golden_l1", 6), ("golden_l1_nar", 1), ("sft", 1)):
         assert len(re.findall(f'<audio [^>]*src="listen/{system}/', page)) == n, system
     assert page.count("not kept (scored before the page existed)") == 2 * 5
+
+
+def test_no_golden_l1_leaves_out_that_system_alone(tiny, fakes, tmp_path):
+    """--no-golden_l1 judges every system but golden layer 1 alone, and the others' numbers are those of a
+    run that judges it: the same utterances, transcripts and bootstrap resamples. The page has no clips of it."""
+    fakes["codec"].bad = None
+    full = fake_eval(tiny, tmp_path / "full", "--n_samples", 1)
+    calls = len(fakes["asr"].calls)
+    without = fake_eval(tiny, tmp_path / "without", "--n_samples", 1, "--no-golden_l1")
+    assert list(full["systems"]) == ["golden", "golden_l1", "golden_l1_nar", "sft"]
+    assert list(without["systems"]) == ["golden", "golden_l1_nar", "sft"]
+    assert len(fakes["asr"].calls) - calls == 3 * 6  # three systems of 6 utterances judged, not four
+    assert all(without["systems"][n] == full["systems"][n] for n in without["systems"])
+    assert without["pairwise"] == {k: v for k, v in full["pairwise"].items() if "golden_l1_vs" not in k
+                                   and not k.endswith("_vs_golden_l1")}
+    assert "listen/golden_l1/" in (tmp_path / "full/report.html").read_text()
+    assert "listen/golden_l1/" not in (tmp_path / "without/report.html").read_text()
+    assert "`golden_l1`" not in (tmp_path / "without/report.md").read_text()

@@ -194,15 +194,15 @@ def test_before_rewards_show_a_policy_that_training_sees_otherwise():
     a = sa.AlignArgs(steps=1, batch_size=4, lr=1e-4, warmup=1)
     ref = sa.reference_logps(tiny_ar(), pairs, idx, a.batch_size)  # eval mode, fp32
     gap = lambda before: max((before[s] - ref[s]).abs().max().item() for s in ref)
-    assert gap(sa.train_round(tiny_ar(), pairs, idx, ref, a, before=True)) < 1e-4
+    assert gap(sa.train_round(tiny_ar(), pairs, idx, ref, a, before=len(idx))) < 1e-4
     dropout_on = tiny_ar()
     dropout_on.eval = dropout_on.train  # as if train_round trained with dropout
-    assert gap(sa.train_round(dropout_on, pairs, idx, ref, a, before=True)) > 0.1
+    assert gap(sa.train_round(dropout_on, pairs, idx, ref, a, before=len(idx))) > 0.1
     bf16 = replace(a, precision="bf16")
-    assert gap(sa.train_round(tiny_ar(), pairs, idx, ref, bf16, before=True)) > 3e-3
+    assert gap(sa.train_round(tiny_ar(), pairs, idx, ref, bf16, before=len(idx))) > 3e-3
     with sa.autocast("bf16", "cpu"):  # a reference taken under the same autocast agrees
         ref = sa.reference_logps(tiny_ar(), pairs, idx, a.batch_size)
-    assert gap(sa.train_round(tiny_ar(), pairs, idx, ref, bf16, before=True)) < 1e-3
+    assert gap(sa.train_round(tiny_ar(), pairs, idx, ref, bf16, before=len(idx))) < 1e-3
     assert sa.train_round(tiny_ar(), pairs, idx, ref, a) is None  # not asked: no extra pass
 
 
@@ -212,7 +212,7 @@ def test_a_few_dpo_steps_raise_margin_and_accuracy():
     assert idx == list(range(16))
     ref = sa.reference_logps(model, pairs, idx)
     a = sa.AlignArgs(steps=15, batch_size=8, lr=3e-3, warmup=1)
-    before = sa.reward_metrics(sa.train_round(model, pairs, idx, ref, a, before=True), ref, a.beta)
+    before = sa.reward_metrics(sa.train_round(model, pairs, idx, ref, a, before=len(idx)), ref, a.beta)
     assert before["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
     after = sa.reward_metrics(sa.reference_logps(model, pairs, idx), ref, a.beta)
     assert after["rewards/margins"] > 1.0 and after["rewards/accuracies"] > 0.9
@@ -308,6 +308,26 @@ def test_reference_is_the_round_start_model_and_is_replaced_between_rounds(init_
     assert len(p1["rejected"]) == 12 and not torch.equal(p1["rejected"][0], p2["rejected"][0])  # fresh samples
 
 
+def test_round_rewards_are_of_the_first_reward_pairs_and_leave_training_alone(init_ckpt, two_rounds, tmp_path):
+    """metrics.json's rewards before and after a round are those of its first --reward_pairs usable pairs,
+    against their reference log-probs: recomputed here one unpadded sequence at a time from the round's
+    checkpoint. The count is not a training setting: the round's weights are those of the run that reports
+    every pair, and a run with another count resumes its finished rounds."""
+    sa.align(args(init_ckpt, tmp_path, "--rounds", "1", "--reward_pairs", "5"))
+    m = json.loads((tmp_path / "round1/metrics.json").read_text())
+    pairs = torch.load(tmp_path / "round1/pairs.pt", weights_only=True)
+    assert m["reward_pairs"] == 5 and m["usable_pairs"] == 12
+    now = {s: independent_logps(tmp_path / "round1/ar.pt", pairs, s)[:5] for s in ("chosen", "rejected")}
+    expected = sa.reward_metrics(now, {s: pairs["reference"][s][:5] for s in now}, 0.1)
+    assert m["after"] == pytest.approx(expected, abs=2e-3)
+    assert m["after"]["rewards/margins"] != pytest.approx(two_rounds[1][0]["after"]["rewards/margins"], abs=1e-3)
+    assert m["before"]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+    trained = torch.load(tmp_path / "round1/ar.pt", weights_only=True)["model"]
+    assert all(torch.equal(w, trained[k]) for k, w in
+               torch.load(two_rounds[0] / "round1/ar.pt", weights_only=True)["model"].items())
+    assert sa.align(args(init_ckpt, tmp_path, "--rounds", "1", "--reward_pairs", "0"))[0] == m
+
+
 def test_finished_rounds_are_not_redone_and_other_settings_are_refused(init_ckpt, two_rounds, tmp_path):
     out, history = two_rounds
     stamp = (out / "round1/ar.pt").stat().st_mtime_ns
@@ -389,6 +409,6 @@ def test_bf16_reference_equals_the_policy_at_the_first_step(init_ckpt, tmp_path)
     sa.align(args(init_ckpt, tmp_path, "--rounds", "1", "--precision", "bf16"))
     first = json.loads(open(tmp_path / "round1/log.jsonl").readline())
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-3) and first["loss"] == pytest.approx(math.log(2), abs=1e-3)
-    before = json.loads((tmp_path / "round1/metrics.json").read_text())["before"]  # every pair, as training sees it
+    before = json.loads((tmp_path / "round1/metrics.json").read_text())["before"]  # every pair (fewer than --reward_pairs), as training sees it
     assert before["rewards/margins"] == pytest.approx(0.0, abs=1e-3)
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-3) and first["rewards/rejected"] == pytest.approx(0.0, abs=1e-3)
