@@ -152,12 +152,13 @@ def claims(report, rounds):
                  f"WER sft − golden_l1_nar {m}", lo > 0))
     v, lo, hi, m = d("round1_vs_sft")
     rows.append(("DPO round 1 lowers WER against the SFT model", f"WER round1 − sft {m}", hi < 0))
-    v, lo, hi, m = d(f"{last}_vs_round1")
-    rows.append((f"gains accumulate: round {rounds} beats round 1", f"WER {last} − round1 {m}", hi < 0))
-    steps = [d(f"round{t}_vs_round{t - 1}") for t in range(2, rounds + 1)]
-    rows.append((f"... and no round is worse than the one before by {STEP_SLACK} WER or more (upper CI end)",
-                 "; ".join(f"WER round{t} − round{t - 1} {m}" for t, (*_, m) in enumerate(steps, 2)),
-                 all(hi < STEP_SLACK for _, _, hi, _ in steps)))
+    if rounds > 1:  # (one round: nothing to accumulate)
+        v, lo, hi, m = d(f"{last}_vs_round1")
+        rows.append((f"gains accumulate: round {rounds} beats round 1", f"WER {last} − round1 {m}", hi < 0))
+        steps = [d(f"round{t}_vs_round{t - 1}") for t in range(2, rounds + 1)]
+        rows.append((f"... and no round is worse than the one before by {STEP_SLACK} WER or more (upper CI end)",
+                     "; ".join(f"WER round{t} − round{t - 1} {m}" for t, (*_, m) in enumerate(steps, 2)),
+                     all(hi < STEP_SLACK for _, _, hi, _ in steps)))
     v, lo, hi, m = d(f"{last}_vs_sft", "rel_wer") if "rel_wer" in P[f"{last}_vs_sft"] else (0, 0, 0, "no SFT error")
     rows.append((f"round {rounds} is at least {RELATIVE_GAIN:.0%} below SFT, relative (the paper: 17%)",
                  f"WER ({last} − sft) / sft {m}", v <= -RELATIVE_GAIN))

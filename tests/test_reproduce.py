@@ -176,6 +176,18 @@ def test_claims_pass_a_report_that_meets_every_rule_and_fail_exactly_the_rule_br
     assert rows[4][2]
 
 
+def test_claims_of_a_single_round_leave_out_the_two_rules_across_rounds():
+    """With --rounds 1 there is no round to accumulate over: six rules, each read on round 1."""
+    d = {k: v for k, v in passing_report().items() if "round2" not in k[0] and "round3" not in k[0]}
+    d |= {("round1_vs_sft", m): v for (k, m), v in passing_report().items() if k == "round3_vs_sft"}
+    d[("control_vs_round1", "delta_wer")] = (0.03, (0.0, 0.07))  # on the boundary: broken
+    table, rows = claims(as_report(d), 1)
+    assert len(rows) == 6 and len(table) == 8 and not any("accumulate" in c or "no round" in c for c, _, _ in rows)
+    assert [ok for _, _, ok in rows] == [True, True, True, False, True, True]
+    assert rows[3][1] == "WER control − round1 +0.030 [+0.000, +0.070]"
+    assert rows[5][1].startswith("accuracy 0.700 → 0.680; round1 − sft -0.060")
+
+
 def test_more_seeds_rerun_the_rounds_and_the_control_and_check_the_claims_per_seed(tmp_path):
     out = tmp_path / "seeds"
     r = reproduce("--out", out, "--seeds", "0", "1")
