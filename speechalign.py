@@ -1005,7 +1005,9 @@ def finished_round(folder, t, a, dev):
     if not (os.path.exists(out_ckpt) and os.path.exists(metrics_path)):
         return None
     policy, _, done = load_model(out_ckpt, "ar", dev)
-    unused = ("rounds", "threads", "sample_batch", "reward_pairs")  # weights do not depend on these
+    # settings the round's weights do not depend on (a DPO run's control_lr, the control's lr)
+    unused = ("rounds", "threads", "sample_batch", "reward_pairs",
+              "lr" if a.control else "control_lr")
     check_same("round checkpoint", out_ckpt, done["args"],
                {k: v for k, v in asdict(a).items() if k not in unused})
     with open(metrics_path) as f:

@@ -333,6 +333,7 @@ def test_finished_rounds_are_not_redone_and_other_settings_are_refused(init_ckpt
     stamp = (out / "round1/ar.pt").stat().st_mtime_ns
     again = sa.align(args(init_ckpt, out, "--rounds", "2"))
     assert again == history and (out / "round1/ar.pt").stat().st_mtime_ns == stamp
+    assert sa.align(args(init_ckpt, out, "--rounds", "2", "--control_lr", "0.1")) == history  # not DPO's
     with pytest.raises(ValueError, match=r"round1/ar.pt.*beta: file has 0.1, this run has 0.3"):
         sa.align(args(init_ckpt, out, "--rounds", "2", "--beta", "0.3"))
     # an interrupted round keeps its pairs file; one made with other settings is refused, naming them
@@ -352,6 +353,10 @@ def test_control_trains_on_golden_codes_with_the_same_budget(init_ckpt, tmp_path
     model = sa.load_model(tmp_path / "round1/ar.pt", "ar")[0]
     init = sa.load_model(init_ckpt, "ar")[0]
     assert not torch.equal(model.head.weight, init.head.weight)
+    again = sa.align(args(init_ckpt, tmp_path, "--rounds", "1", "--control", "--control_lr", "3e-3", "--lr", "5"))
+    assert again == history  # DPO's --lr is not the control's: its finished round resumes
+    with pytest.raises(ValueError, match=r"control_lr: file has 0.003, this run has 0.001"):
+        sa.align(args(init_ckpt, tmp_path, "--rounds", "1", "--control", "--control_lr", "1e-3"))
 
 
 def test_bad_inputs_are_refused(init_ckpt, tmp_path, monkeypatch):
