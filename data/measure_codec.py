@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
-from codec import MelRVQCodec  # noqa: E402
+from codec import MelRVQCodec, write_text  # noqa: E402
 from metrics import corpus_wer, cosine, load_asr, load_speaker_encoder, speaker_embedding, transcribe  # noqa: E402
 from tokenize_corpus import read_manifest  # noqa: E402
 
@@ -92,8 +92,7 @@ def main():
             result["systems"][s]["sim_own_original"] = sum(sims_self[s]) / len(rows)
     result["systems"]["chance"] = {"wer": corpus_wer(shuffled, hyps["original"])["wer"]}
     result["per_utterance"] = per_utt
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_text(args.out, json.dumps(result, indent=1))  # atomic: an interrupted run leaves no half file
     for s, m in result["systems"].items():
         print(f"{s:>10}: " + "  ".join(f"{k} {v:.3f}" for k, v in m.items()))
 
