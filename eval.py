@@ -322,7 +322,7 @@ def get_args(argv=None):
                          "(sum_c p(c) * entry c, per layer) on top of layer 1 (speechalign.NAR.generate says why); "
                          "for golden_l1_nar and every AR")
     ap.add_argument("--golden_l1", action=argparse.BooleanOptionalAction, default=True, help="also judge golden "
-                    "layer 1 alone, what the NAR adds to (the main job leaves it out: one system less to judge)")
+                    "layer 1 alone, which the NAR should improve on (the main job skips it: no claim reads it)")
     ap.add_argument("--n_samples", type=int, default=3, help="WAV samples per system")
     ap.add_argument("--n_boot", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0, help="seeds prompts, sampling, bootstrap and classifier folds")
@@ -409,7 +409,7 @@ def main(argv=None):
     sampling = SAMPLING | {k: (v or None) if k == "top_k" else v for k, v in given.items() if v is not None}
     judges = Judges(codec if args.jobs == 1 else args.codec, args.asr, args.jobs)
     base = dict(data=data, ids=ids, seed=args.seed, prompt_seconds=args.prompt_seconds, codec=codec.name,
-                asr=args.asr, asr_decoding=ASR_DECODING, device=device,  # a GPU samples others
+                asr=args.asr, asr_decoding=ASR_DECODING, device=device,  # a GPU samples otherwise from a seed
                 format=2)  # entries hold transcripts and embeddings, no errors: earlier ones are not read
     shown = {"n_samples": args.n_samples}  # entries with generated speech keep the codes of that many utterances
     page = page_utterances(splits)  # and of the listening page's utterances (report.write_page)
