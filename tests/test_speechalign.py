@@ -414,6 +414,7 @@ def test_bf16_reference_equals_the_policy_at_the_first_step(init_ckpt, tmp_path)
     sa.align(args(init_ckpt, tmp_path, "--rounds", "1", "--precision", "bf16"))
     first = json.loads(open(tmp_path / "round1/log.jsonl").readline())
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-3) and first["loss"] == pytest.approx(math.log(2), abs=1e-3)
-    before = json.loads((tmp_path / "round1/metrics.json").read_text())["before"]  # every pair (fewer than --reward_pairs), as training sees it
+    # every pair (fewer than --reward_pairs), as training sees it
+    before = json.loads((tmp_path / "round1/metrics.json").read_text())["before"]
     assert before["rewards/margins"] == pytest.approx(0.0, abs=1e-3)
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-3) and first["rewards/rejected"] == pytest.approx(0.0, abs=1e-3)
