@@ -192,10 +192,10 @@ def page_clips(results, ids, prompts, golden, page):
         upper = dict(zip(ids, res.get("samples_upper", []))) | res.get("page_upper", {})
         return {i: (c, upper.get(i)) for i, c in codes.items()}
 
+    layers = {"golden": None, "golden_l1": 1}  # the golden systems' clips: the test list's codes, cut
     return {"prompt": {ids[i]: (prompts[i], None) for i in page},
-            "golden": {ids[i]: (golden[i], None) for i in page},
-            **({"golden_l1": {ids[i]: (golden[i][:1], None) for i in page}} if "golden_l1" in results else {}),
-            **{n: kept(r) for n, r in results.items() if n not in ("golden", "golden_l1")}}
+            **{n: {ids[i]: (golden[i][:layers[n]], None) for i in page} if n in layers else kept(r)
+               for n, r in results.items()}}
 
 
 def page_utterances(splits, per_split=6):
