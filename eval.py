@@ -256,7 +256,7 @@ def summarize(results, prompts, refs, ids, splits, golden_l1, card, n_boot, seed
     per_utt = corpus_wer(wrong, [h or "" for h in results["golden"]["hyps"]])["per_utterance"]
     wer, ci = bootstrap(corpus_rate, [e for e, _ in per_utt], [n for _, n in per_utt], **boot)
 
-    pairwise = differences(list(S), errors, words, sims, hits, boot)
+    pairwise = differences(list(S), errors, words, sims, hits, boot, splits)
     return S, dict(wer=wer, wer_ci=ci), pairwise
 
 

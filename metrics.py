@@ -199,16 +199,24 @@ def bootstrap(stat, *cols, n_boot=2000, seed=0):
     return float(stat(*cols)), [float(lo), float(hi)]
 
 
-def differences(names, errors, words, sims, hits, boot):
+def differences(names, errors, words, sims, hits, boot, splits=None):
     """Every pairwise difference, later system b minus earlier a ("b_vs_a"), each with its interval from the
     same resamples: WER (delta_wer), WER relative to a's (rel_wer, where a made errors: the words cancel), SIM
     over the utterances that have both (delta_sim), and, where both have them, the golden-vs-synthetic
-    classifier's accuracy from its per-utterance hits, 0-2 right of an utterance's two sequences (delta_acc)."""
+    classifier's accuracy from its per-utterance hits, 0-2 right of an utterance's two sequences (delta_acc).
+    With splits (a name per utterance) holding more than one name, also the WER difference within each split,
+    resampled within it (delta_wer_by_split: {split: [delta, [lo, hi]]}): seen and unseen voices can move in
+    opposite directions, and the pooled number hides it."""
     out = {}
+    parts = {sp: np.array(splits) == sp for sp in dict.fromkeys(splits or [])}
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             d = out[f"{b}_vs_{a}"] = {}
             d["delta_wer"], d["delta_wer_ci"] = bootstrap(corpus_rate, errors[b] - errors[a], words, **boot)
+            if len(parts) > 1:
+                d["delta_wer_by_split"] = {
+                    sp: list(bootstrap(corpus_rate, (errors[b] - errors[a])[m], words[m], **boot))
+                    for sp, m in parts.items()}
             if errors[a].sum() > 0:  # (else no relative change: a made no error)
                 d["rel_wer"], d["rel_wer_ci"] = bootstrap(
                     lambda eb, ea: eb.sum(-1) / ea.sum(-1) - 1, errors[b], errors[a], **boot)

@@ -158,10 +158,14 @@ def markdown(r):
               f"{fmt(g['sim_synthetic_ar'])} | {fmt(g['classifier_acc'], '.2f', g['classifier_acc_ci'])} | "
               f"{fmt(s['golden_nll'])} | "
               f"{s['hit_limit_rate']:.1%} |" for name, s in S.items() if (g := s["gap"])]
-    lines += ["", "## Differences (A_vs_B = A minus B)", "", "| pair | ΔWER [95% CI] | ΔSIM [95% CI] |",
-              "|---|---|---|"]
+    by_split = list(next(iter(r["pairwise"].values()), {}).get("delta_wer_by_split", {}))  # both splits judged
+    lines += ["", "## Differences (A_vs_B = A minus B)", "",
+              "| pair | ΔWER [95% CI] | ΔSIM [95% CI] |" + "".join(f" ΔWER {sp} [95% CI] |" for sp in by_split),
+              "|---|---|---|" + "---|" * len(by_split)]
     lines += [f"| {k} | {fmt(d['delta_wer'], '+.3f', d['delta_wer_ci'])} | "
-              f"{fmt(d['delta_sim'], '+.3f', d['delta_sim_ci'])} |" for k, d in r["pairwise"].items()]
+              f"{fmt(d['delta_sim'], '+.3f', d['delta_sim_ci'])} |"
+              + "".join(f" {fmt(d['delta_wer_by_split'][sp][0], '+.3f', d['delta_wer_by_split'][sp][1])} |"
+                        for sp in by_split) for k, d in r["pairwise"].items()]
     unscored = [("prompt", u) for u in r["prompt_unscored"]] + [(nm, u) for nm, s in S.items() for u in s["unscored"]]
     rows = [f"| {nm} | {u['id']} | {u['stage']} | {' '.join(u['reason'].replace('|', '/').split())} |"
             for nm, u in unscored]  # a reason is one table cell: no pipes, no line breaks

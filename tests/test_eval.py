@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from codec import MelRVQCodec, load_corpus
 from eval import NORMALIZATION, bootstrap, corpus_rate, corpus_wer, gap_classifier, main, mean, wilson
 from eval import test_set as build_test_set  # under its own name pytest would collect it as a test
-from report import safe_name
+from report import fmt, safe_name
 from speechalign import SAMPLING, TextTokenizer, load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,6 +187,11 @@ def test_report_numbers(evaluated):
             assert d["delta_sim"] == pytest.approx(S[b]["sim"] - S[a]["sim"])
             assert d["delta_wer_ci"][0] <= d["delta_wer"] <= d["delta_wer_ci"][1]
             assert d["delta_sim_ci"][0] <= d["delta_sim"] <= d["delta_sim_ci"][1]
+            # within each split: the difference of the two systems' per-split WERs, its interval resampled there
+            assert list(d["delta_wer_by_split"]) == ["seen", "unseen"]
+            for sp, (delta, (lo, hi)) in d["delta_wer_by_split"].items():
+                assert delta == pytest.approx(S[b]["wer_by_split"][sp] - S[a]["wer_by_split"][sp])
+                assert lo <= delta <= hi
             if S[a]["wer"] > 0:  # relative WER from the two systems' reported WERs
                 assert d["rel_wer"] == pytest.approx(S[b]["wer"] / S[a]["wer"] - 1)
                 assert d["rel_wer_ci"][0] <= d["rel_wer"] <= d["rel_wer_ci"][1]
@@ -226,6 +231,12 @@ def test_run_directory_files(evaluated):
     md = (out / "report.md").read_text()
     assert all(f"| {name} |" in md for name in ("golden", "golden_l1", "golden_l1_nar", "sft", "step5", "step10", "chance"))
     assert "| sft |" in evaluated["stdout"] and NORMALIZATION in md
+    d = evaluated["report"]["pairwise"]["sft_vs_golden"]  # the differences table has the per-split columns
+    row = f"| sft_vs_golden | {fmt(d['delta_wer'], '+.3f', d['delta_wer_ci'])} | " \
+          f"{fmt(d['delta_sim'], '+.3f', d['delta_sim_ci'])} | " \
+          f"{fmt(d['delta_wer_by_split']['seen'][0], '+.3f', d['delta_wer_by_split']['seen'][1])} | " \
+          f"{fmt(d['delta_wer_by_split']['unseen'][0], '+.3f', d['delta_wer_by_split']['unseen'][1])} |"
+    assert "| pair | ΔWER [95% CI] | ΔSIM [95% CI] | ΔWER seen [95% CI] | ΔWER unseen [95% CI] |" in md and row in md
     for png in ("metrics.png", "gap_pca.png", "training.png", "curve.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     for system in ("prompt", "golden", "golden_l1", "golden_l1_nar", "sft", "step5", "step10"):
