@@ -212,11 +212,11 @@ def differences(names, errors, words, sims, hits, boot, splits=None):
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             d = out[f"{b}_vs_{a}"] = {}
-            d["delta_wer"], d["delta_wer_ci"] = bootstrap(corpus_rate, errors[b] - errors[a], words, **boot)
+            delta = errors[b] - errors[a]
+            d["delta_wer"], d["delta_wer_ci"] = bootstrap(corpus_rate, delta, words, **boot)
             if len(parts) > 1:
-                d["delta_wer_by_split"] = {
-                    sp: list(bootstrap(corpus_rate, (errors[b] - errors[a])[m], words[m], **boot))
-                    for sp, m in parts.items()}
+                d["delta_wer_by_split"] = {sp: list(bootstrap(corpus_rate, delta[m], words[m], **boot))
+                                           for sp, m in parts.items()}
             if errors[a].sum() > 0:  # (else no relative change: a made no error)
                 d["rel_wer"], d["rel_wer_ci"] = bootstrap(
                     lambda eb, ea: eb.sum(-1) / ea.sum(-1) - 1, errors[b], errors[a], **boot)
