@@ -39,7 +39,7 @@ PRESETS = {
         val="dev_seen",  # pretraining's validation split
         codec=["--envelope", "24", "--tape", "0.82", "0.9", "1.1", "1.2"],  # + --extra the codec_fit split
         subset=["--limit", "3000"],
-        ar=["--d_model", "256", "--n_layer", "4", "--n_head", "4", "--steps", "2500", "--warmup", "300",
+        ar=["--d_model", "256", "--n_layer", "4", "--n_head", "4", "--steps", "5000", "--warmup", "300",
             "--eval_every", "500", "--snapshot_every", "500", "--prompt_seconds_min", "1", "--short_first"],
         nar=["--d_model", "256", "--n_layer", "4", "--n_head", "4", "--steps", "3000", "--warmup", "300",
              "--eval_every", "500", "--eval_utts", "64", "--snapshot_every", "500", "--prompt_seconds_min", "1",
