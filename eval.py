@@ -364,9 +364,12 @@ def parse_systems(args):
     given = dict(top_k=args.top_k, seconds_per_token=args.seconds_per_token)
     sampling = SAMPLING | {k: (v or None) if k == "top_k" else v for k, v in given.items() if v is not None}
     temps = args.temperature or [sampling["temperature"]]
-    expand = lambda pairs: [(name if len(temps) == 1 else f"{name}_t{t:g}", path, sampling | {"temperature": t})
-                            for name, path in pairs for t in temps]
-    systems, curve = expand(systems), expand(curve)
+    if curve and len(temps) > 1:  # a curve is one line of snapshots against their step
+        raise SystemExit("--curve takes one --temperature: run it once per temperature")
+    def per_temperature(pairs):
+        return [(name if len(temps) == 1 else f"{name}_t{t:g}", path, sampling | {"temperature": t})
+                for name, path in pairs for t in temps]
+    systems, curve = per_temperature(systems), per_temperature(curve)
     names = [n for n, _, _ in systems + curve]
     if bad := sorted({n for n in names if n in RESERVED or names.count(n) > 1}):
         raise SystemExit(f"system names must be unique and none of {RESERVED}: {bad}")

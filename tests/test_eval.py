@@ -492,6 +492,8 @@ def test_several_temperatures_are_systems_of_one_report_equal_to_single_temperat
     assert len(layer1) == 2 and layer1[0] != layer1[1]  # the two temperatures really sampled differently
     d = both["pairwise"]["sft_t1_vs_sft_t0"]["delta_wer"]
     assert d == pytest.approx(both["systems"]["sft_t1"]["wer"] - both["systems"]["sft_t0"]["wer"])
+    with pytest.raises(SystemExit, match="--curve takes one --temperature"):
+        fake_eval(tiny, tmp_path / "curve", "--curve", tiny / "ar.pt", "--temperature", 0, 1)
 
 
 def test_expected_nar_decoding_has_its_own_cache_entries_and_report_field(tiny, fakes, tmp_path):
