@@ -484,8 +484,8 @@ def main(argv=None):
         print(f"scored {', '.join(results)} into {args.cache}")
         return
 
-    temps = list(dict.fromkeys(smp["temperature"] for _, _, smp in systems))
-    shared = systems[0][2] | {"temperature": temps if len(temps) > 1 else temps[0]}  # several: NAME_tT says whose
+    several = args.temperature is not None and len(args.temperature) > 1  # then NAME_tT says whose is whose
+    shared = systems[0][2] | ({"temperature": args.temperature} if several else {})
     golden_l1 = [g[0].tolist() for g in golden_codes]
     S, chance, pairwise = summarize(results, prompts, refs, ids, splits, golden_l1, codec.card[0], args.n_boot,
                                     args.seed)

@@ -487,8 +487,8 @@ def test_several_temperatures_are_systems_of_one_report_equal_to_single_temperat
         assert both["systems"][f"sft_t{t}"]["sampling"] == single[t]["sampling"]
         for field in ("wer", "sim", "per_utterance"):
             assert both["systems"][f"sft_t{t}"][field] == single[t]["systems"]["sft"][field], (t, field)
-    layer1 = [json.loads(p.read_text())["result"]["layer1"] for p in sorted(before)
-              if json.loads(p.read_text())["key"]["what"] == "ar"]
+    entries = [json.loads(p.read_text()) for p in before]
+    layer1 = [e["result"]["layer1"] for e in entries if e["key"]["what"] == "ar"]
     assert len(layer1) == 2 and layer1[0] != layer1[1]  # the two temperatures really sampled differently
     d = both["pairwise"]["sft_t1_vs_sft_t0"]["delta_wer"]
     assert d == pytest.approx(both["systems"]["sft_t1"]["wer"] - both["systems"]["sft_t0"]["wer"])
