@@ -318,6 +318,8 @@ def get_args(argv=None):
     ap.add_argument("--temperature", type=float, nargs="+", help="AR sampling temperature, 0: greedy (default: "
                     "SAMPLING's); several score each AR at each, as systems NAME_tT paired on the same utterances")
     ap.add_argument("--top_k", type=int, help="AR top-k sampling, 0: none (default: SAMPLING's)")
+    ap.add_argument("--top_p", type=float, help="AR nucleus sampling after top-k: the smallest set of codes whose "
+                    "probability reaches P, 0: none (default: SAMPLING's)")
     ap.add_argument("--batch_size", type=int, default=32, help="sequences per KV-cache sampling batch")
     ap.add_argument("--nar_precision", choices=("fp32", "bf16"), default="fp32",
                     help="the NAR's passes under bf16 autocast (2x faster on a CPU with AVX512-BF16; the AR "
@@ -338,6 +340,8 @@ def get_args(argv=None):
     ap.add_argument("--jobs", type=int, default=1, help="worker processes for decoding + ASR + speaker embedding "
                     "(one thread each; CPU); the results do not depend on it")
     args = ap.parse_args(argv)
+    if args.top_p is not None and not 0 <= args.top_p <= 1:
+        ap.error(f"--top_p {args.top_p:g}: a probability mass, in [0, 1] (0: none)")
     args.cache = args.cache or os.path.join(args.out, "cache")
     return args
 
@@ -361,8 +365,8 @@ def parse_systems(args):
         curve = [(f"step{step[p]}", p) for p in sorted(paths, key=step.get)]
     if not systems + curve:
         raise SystemExit("nothing to evaluate: give --ar NAME=PATH and/or --curve GLOB")
-    given = dict(top_k=args.top_k, seconds_per_token=args.seconds_per_token)
-    sampling = SAMPLING | {k: (v or None) if k == "top_k" else v for k, v in given.items() if v is not None}
+    given = dict(top_k=args.top_k, top_p=args.top_p, seconds_per_token=args.seconds_per_token)
+    sampling = SAMPLING | {k: (v or None) if k.startswith("top_") else v for k, v in given.items() if v is not None}
     temps = args.temperature or [sampling["temperature"]]
     if curve and len(temps) > 1:  # a curve is one line of snapshots against their step
         raise SystemExit("--curve takes one --temperature: run it once per temperature")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from codec import MelRVQCodec, load_corpus
-from eval import NORMALIZATION, bootstrap, corpus_rate, corpus_wer, gap_classifier, main, mean, wilson
+from eval import NORMALIZATION, bootstrap, corpus_rate, corpus_wer, gap_classifier, get_args, main, mean, wilson
 from eval import test_set as build_test_set  # under its own name pytest would collect it as a test
 from report import fmt, safe_name
 from speechalign import SAMPLING, TextTokenizer, load_model
@@ -453,15 +453,17 @@ def test_a_changed_n_samples_does_not_reuse_the_cache(tiny, fakes, tmp_path):
 
 
 def test_sampling_options_reach_the_sampler_and_key_the_cache(tiny, fakes, tmp_path):
-    """--temperature 0 --top_k 0 samples greedily: the AR's layer 1 is a direct greedy decode's. The changed
-    sampling gets its own AR cache entry; the golden systems' entries are reused."""
+    """--temperature 0 --top_k 0 samples greedily: the AR's layer 1 is a direct greedy decode's, and so is
+    --top_p's with a nucleus too small to hold a second code. Each changed sampling gets its own AR cache entry;
+    the golden systems' entries are reused. A --top_p that is not a probability is refused."""
     fakes["codec"].bad = None  # every utterance decodes
     default = fake_eval(tiny, tmp_path, "--n_samples", 1)
     before = set((tmp_path / "cache").iterdir())
     greedy = fake_eval(tiny, tmp_path, "--n_samples", 1, "--temperature", 0, "--top_k", 0)
     assert default["sampling"] == SAMPLING | {"seconds_per_token": 0.02}
     assert greedy["sampling"] == default["sampling"] | {"temperature": 0, "top_k": None}
-    [new] = [json.loads(p.read_text()) for p in set((tmp_path / "cache").iterdir()) - before]
+    new_paths = set((tmp_path / "cache").iterdir()) - before
+    [new] = [json.loads(p.read_text()) for p in new_paths]
     assert new["key"]["what"] == "ar" and new["key"]["sampling"] == greedy["sampling"]
     ar, tok, ckpt = load_model(tiny / "ar.pt", "ar")
     examples = build_test_set(load_corpus(SEEN), tok, 4)[0] + build_test_set(load_corpus(UNSEEN), tok, 2)[0]
@@ -469,6 +471,13 @@ def test_sampling_options_reach_the_sampler_and_key_the_cache(tiny, fakes, tmp_p
         layer1, _ = ar.generate([t for t, _, _ in examples], [p for _, p, _ in examples], temperature=0,
                                 seconds_per_token=0.02, frame_rate=ckpt["codec"]["frame_rate"])
     assert new["result"]["layer1"] == [c.tolist() or [0] for c in layer1]  # an immediate EOS decodes 1 frame
+    # a nucleus this small keeps only the most likely code: sampling at temperature 1 is then the greedy decode
+    nucleus = fake_eval(tiny, tmp_path, "--n_samples", 1, "--temperature", 1, "--top_p", 1e-6)
+    assert nucleus["sampling"] == default["sampling"] | {"temperature": 1, "top_p": 1e-6}
+    [entry] = [json.loads(p.read_text()) for p in set((tmp_path / "cache").iterdir()) - before - new_paths]
+    assert entry["key"]["sampling"] == nucleus["sampling"] and entry["result"]["layer1"] == new["result"]["layer1"]
+    with pytest.raises(SystemExit):
+        get_args(["--ar", "sft=x.pt", "--nar", "y.pt", "--out", str(tmp_path), "--top_p", "1.5"])
 
 
 def test_several_temperatures_are_systems_of_one_report_equal_to_single_temperature_runs(tiny, fakes, tmp_path):
