@@ -64,3 +64,24 @@ def test_sft_checkpoints_load_and_agree(codec):
         mask = b["targets"] != -100
         nll = -(sequence_logps(ar(**b), b["targets"], mask).sum() / mask.sum()).item()
     assert nll < 3.0  # trained: a uniform guess over 1025 tokens would be 6.9 nats
+
+
+# the training arguments that shape the weights; the others (paths, logging, snapshots, threads) do not
+# (threads change the last bits of a float sum, not the recipe)
+RECIPE = ["text", "prompt_seconds", "prompt_seconds_min", "short_first", "d_model", "n_layer", "n_head", "dropout",
+          "max_text", "max_audio", "batch_size", "steps", "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "seed"]
+
+
+@pytest.mark.parametrize("model", ["ar", "nar"])
+def test_sft_checkpoints_come_from_the_toy_preset(model):
+    """The shipped SFT checkpoint was trained as `reproduce.py --from_scratch` trains it: with the toy preset's
+    arguments, to its last step. A model trained otherwise, or a preset changed without retraining, would make
+    the claim that the from-scratch path rebuilds the shipped artefacts false."""
+    import reproduce
+    import train_codec_lm
+    preset = train_codec_lm.get_args(["--model", model, "--out", "x.pt", *reproduce.PRESETS["toy"][model]])
+    ck = torch.load(os.path.join(TOY, f"sft_{model}.pt"), map_location="cpu", weights_only=True)
+    assert ck["args"]["model"] == model and ck["step"] == preset.steps
+    assert {k: ck["args"][k] for k in RECIPE} == {k: getattr(preset, k) for k in RECIPE}
+    # the preset's "auto" precision is fp32 on a CPU, where the shipped models were trained
+    assert ck["args"]["precision"] == {"auto": "fp32"}.get(preset.precision, preset.precision)
