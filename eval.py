@@ -81,9 +81,9 @@ def generate(ar, nar, examples, golden_layer1=False, batch_size=32, seed=0, samp
     return codes, hit, uppers
 
 
-# The judges: decode a code matrix, transcribe it, embed its speaker. About 0.5 s per utterance on one core,
-# so they dominate the evaluation's cost; with jobs > 1 they run in worker processes, one thread each, and
-# give the same results as in-process (greedy ASR and a fixed encoder, one utterance at a time).
+# The judges: decode a code matrix, transcribe it, embed its speaker. They dominate the evaluation's cost,
+# so with jobs > 1 they run in worker processes, one thread each, and give the same results as in-process
+# (greedy ASR and a fixed encoder, one utterance at a time).
 
 _judges = {}  # this process's codec, ASR and speaker encoder (a worker's, or the main process's with jobs=1)
 
