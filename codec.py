@@ -18,7 +18,8 @@ Two codecs:
 - `EncodecCodec`: pretrained EnCodec 24 kHz at 6 kbps, 8 x 1024 codes at 75 Hz (the real setting, as
   in VALL-E). Its weights come from a hub; offline, place the file as the error message says.
 - `MelRVQCodec`: the toy codec for offline CPU work. 80-bin log-mel at 50 frames/s, quantised by
-  residual k-means, decoded by inverse mel + Griffin-Lim. See its docstring for the layout.
+  residual k-means, decoded by inverse mel + Griffin-Lim or by a source-filter decoder at a given pitch
+  (`vocode`). See its docstring for the layout.
 """
 import hashlib
 import math
@@ -30,6 +31,9 @@ import torch
 import torchaudio
 
 ENCODEC_FILE = "encodec_24khz-d7cc33bc.th"
+SOURCE_FILTER_ENVELOPE = 24  # mel-cosines of the source-filter decoder's filter (layer 1's envelope, --envelope 24)
+VOICED_BELOW = 2000.0  # Hz: the source-filter decoder's pulses give way to noise around here (chosen on dev)
+F0_FALLBACK = 120.0  # Hz: the source-filter pitch for a prompt with no voiced frame
 
 
 def load_pt(path, what, map_location="cpu", mmap=False):
@@ -237,8 +241,9 @@ class MelRVQCodec:
     projected on the first K cosines over mel bins, which removes the pitch harmonics -- so that one
     vowel said at two pitches gets one code (layer-1 codes are spent on phones, not on pitch); the code's
     table entry is still the mean full frame of its cluster, and the harmonics are left to layers 2..Q.
-    Decoding: m + sum of the centroids of the given layers, inverse mel, Griffin-Lim. Every prefix of
-    layers decodes. data/README.md has the measurements behind the default layout.
+    Decoding: m + sum of the centroids of the given layers, inverse mel, then Griffin-Lim or, given a pitch, a
+    source-filter decoder (`vocode`). Every prefix of layers decodes. data/README.md has the measurements
+    behind the default layout.
     """
 
     sample_rate = 16000
@@ -257,7 +262,7 @@ class MelRVQCodec:
         self.card = tuple(c.shape[0] for c in self.centroids)
         self.mel = torchaudio.transforms.MelSpectrogram(
             self.sample_rate, n_fft=self.n_fft, hop_length=self.hop, n_mels=self.n_mels, power=1.0)
-        self._inv = None  # decoder transforms, built on first decode
+        self._inv = self._envelope_inv = None  # decoder transforms, built on first decode
         digest = torch.cat([c.flatten() for c in self.centroids] + [self.mean]).numpy().tobytes()
         tag = hashlib.sha1(digest).hexdigest()[:8]
         mels = "" if self.n_mels == 80 else f"-mel{self.n_mels}"  # 80-bin codecs keep their earlier names
@@ -338,13 +343,30 @@ class MelRVQCodec:
             y = y + _check_upper(upper, codes.shape[1], self.n_mels)
         return y.T
 
-    def decode(self, codes, upper=None):
-        """Codes [q, T] (and `upper`, as decode_log_mel) -> (waveform [ (T-1)*320 ] float32 at 16 kHz, 16000)."""
-        return self.vocode(self.decode_log_mel(codes, upper))
+    def decode(self, codes, upper=None, f0=None):
+        """Codes [q, T] (and `upper`, as decode_log_mel) -> (waveform [ (T-1)*320 ] float32 at 16 kHz, 16000).
+        f0: None for Griffin-Lim, or a pitch in Hz for the source-filter decoder (`vocode`)."""
+        return self.vocode(self.decode_log_mel(codes, upper), f0)
 
-    def vocode(self, log_mel):
-        """Log-mel [n_mels, T] -> (waveform, 16000): inverse mel filterbank, then Griffin-Lim. Applied to an
-        unquantised log-mel it measures the vocoder alone (data/measure_codec.py's "mel" system)."""
+    def prompt_f0(self, prompt):
+        """The pitch (Hz) at which the source-filter decoder speaks for a speaker: the median F0 of the prompt's
+        codes [Q, Lp] heard through Griffin-Lim (all their layers carry the harmonics), or F0_FALLBACK."""
+        return median_f0(*self.decode(prompt)) or F0_FALLBACK
+
+    def vocode(self, log_mel, f0=None):
+        """Log-mel [n_mels, T] -> (waveform, 16000). Applied to an unquantised log-mel it measures the vocoder
+        alone (data/measure_codec.py's "mel" system).
+
+        f0 None: inverse mel filterbank, then Griffin-Lim. It inverts what the codes hold, harmonics included,
+        but where they hold none (layer 1 alone, or the NAR's expected upper layers, averages over pitches) it
+        finds a rough, whisper-like signal that the ASR reads badly.
+        f0 in Hz: a source-filter decoder (a channel vocoder). The filter is the frame's smooth envelope (its
+        first SOURCE_FILTER_ENVELOPE mel-cosines, as layer 1 codes it) through the inverse mel filterbank; the
+        source is a pulse train at f0 below about VOICED_BELOW Hz, mixed into noise above it, its phase the
+        excitation's own. It speaks every frame at one pitch, the speaker's (`prompt_f0`), so it loses the
+        intonation that the codes may hold. data/README.md has the measurements of both."""
+        if f0 is not None:
+            return self._source_filter(log_mel, f0), self.sample_rate
         if self._inv is None:
             self._inv = (
                 torchaudio.transforms.InverseMelScale(self.n_fft // 2 + 1, self.n_mels, self.sample_rate),
@@ -356,6 +378,34 @@ class MelRVQCodec:
         wav = griffin_lim(spec)
         peak = wav.abs().max()
         return (wav / peak * 0.95 if peak > 1 else wav), self.sample_rate
+
+    def _source_filter(self, log_mel, f0):
+        if not 30 <= f0 <= 1000:
+            raise ValueError(f"f0 must be a pitch in Hz within [30, 1000], got {f0}")
+        if self._envelope_inv is None:
+            self._envelope_inv = (envelope_projection(self.n_mels, SOURCE_FILTER_ENVELOPE),
+                                  torchaudio.transforms.InverseMelScale(self.n_fft // 2 + 1, self.n_mels,
+                                                                        self.sample_rate))
+        smooth, inv_mel = self._envelope_inv
+        frames = log_mel.shape[1]
+        n = (frames - 1) * self.hop
+        filt = inv_mel((smooth @ log_mel).exp()).clamp(min=0)  # [bins, T] linear magnitudes
+        t = torch.arange(n, dtype=torch.float64)
+        cycle = torch.floor(t * f0 / self.sample_rate)
+        pulses = torch.cat([torch.ones(1), (cycle[1:] > cycle[:-1]).float()])  # one at the start of each period
+        noise = torch.randn(n, generator=torch.Generator().manual_seed(0))  # seeded: a decode is repeatable
+        window = torch.hann_window(self.n_fft)
+
+        def flat(sig):  # each frame's spectrum scaled to unit mean power, so that the filter sets the level
+            spec = torch.stft(sig, self.n_fft, self.hop, window=window, return_complex=True)[:, :frames]
+            return spec / spec.abs().pow(2).mean(0, keepdim=True).sqrt().clamp(min=1e-8)
+
+        freq = torch.linspace(0, self.sample_rate / 2, self.n_fft // 2 + 1).unsqueeze(1)
+        voiced = 1 / (1 + (freq / VOICED_BELOW) ** 4)  # power-complementary crossover into noise
+        source = voiced * flat(pulses) + (1 - voiced ** 2).sqrt() * flat(noise)
+        wav = torch.istft(source * filt, self.n_fft, self.hop, window=window, length=n)
+        peak = wav.abs().max()
+        return wav / peak * 0.95 if peak > 1 else wav
 
     # --- save / load ---------------------------------------------------------------------------------
     def save(self, path):
@@ -375,16 +425,52 @@ class MelRVQCodec:
         return codec
 
 
+def median_f0(wav, sr, fmin=60.0, fmax=400.0, threshold=0.5):
+    """Median pitch (Hz) of the voiced 40 ms frames (hop 20 ms) of a waveform, or None if none is voiced. A frame
+    is voiced where its normalised autocorrelation peaks above `threshold` at a lag within [1/fmax, 1/fmin]; quiet
+    frames (below 1% of the loudest frame's power) are skipped."""
+    wav = as_mono(wav, sr, 16000).double()
+    size, hop = 640, 320
+    if wav.numel() < size:
+        return None
+    frames = wav.unfold(0, size, hop)
+    frames = frames - frames.mean(1, keepdim=True)
+    power = frames.pow(2).mean(1)
+    spec = torch.fft.rfft(frames, 2 * size)
+    ac = torch.fft.irfft(spec.abs().pow(2), 2 * size)[:, :size]
+    ac = ac / ac[:, :1].clamp(min=1e-12)
+    lo, hi = int(16000 / fmax), int(16000 / fmin)
+    peak, lag = ac[:, lo:hi + 1].max(1)
+    voiced = (peak > threshold) & (power > 0.01 * power.max())
+    if not voiced.any():
+        return None
+    return float((16000 / (lag[voiced] + lo).double()).median())
+
+
+def choose_vocoder(codec, vocoder):
+    """eval.py's and synthesize.py's --vocoder: "auto" is the source-filter decoder for the toy codec (its default,
+    chosen on dev: data/README.md) and None, the codec's own decoder, for EnCodec; "griffin_lim" and
+    "source_filter" are the toy codec's two decoders (MelRVQCodec.vocode), refused for a codec without log-mels."""
+    if vocoder == "auto":
+        return "source_filter" if hasattr(codec, "prompt_f0") else None
+    if not hasattr(codec, "prompt_f0"):
+        raise ValueError(f"--vocoder {vocoder} decodes the toy codec's log-mels; codec {codec.name} has none")
+    return vocoder
+
+
 def load_codec(spec, device="cpu"):
     """'encodec' (the real setting, pretrained EnCodec 24 kHz) or the path of a fitted toy codec file."""
     return EncodecCodec(device=device) if spec == "encodec" else MelRVQCodec.load(spec)
 
 
-def decode_codes(codec, codes, upper=None):
+def decode_codes(codec, codes, upper=None, f0=None):
     """Audio of codes [Q, T] (a tensor, or nested lists as the evaluation's cache holds them): all layers, or
-    layer 1 + an upper part [T, D] (the NAR's expected upper layers, speechalign.NAR.generate)."""
+    layer 1 + an upper part [T, D] (the NAR's expected upper layers, speechalign.NAR.generate). f0: the toy
+    codec's source-filter pitch (MelRVQCodec.vocode); None decodes as the codec does by default."""
     codes = torch.as_tensor(codes)
-    return codec.decode(codes) if upper is None else codec.decode(codes[:1], upper=torch.as_tensor(upper).float())
+    upper = None if upper is None else torch.as_tensor(upper).float()
+    pitch = {} if f0 is None else {"f0": f0}  # EnCodec's decoder takes none
+    return codec.decode(codes if upper is None else codes[:1], upper=upper, **pitch)
 
 
 def log_mel_distance(a, b):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from codec import MelRVQCodec, kmeans, log_mel_distance
+from codec import MelRVQCodec, decode_codes, envelope_projection, kmeans, log_mel_distance, median_f0
 from tests.synth import SR, voice
 
 
@@ -179,3 +179,36 @@ def test_expected_upper_layers_decode_like_codes(codec):
     torch.testing.assert_close(got.T.double(), want, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"upper must be a float \[T, D\]"):
         codec.decode(codes[:1], upper=onehot[:-1])
+
+
+@pytest.mark.parametrize("f0", [90.0, 150.0, 233.0])
+def test_median_f0_finds_the_pitch_of_a_sawtooth_and_none_in_silence_or_noise(f0):
+    t = torch.arange(SR) / SR
+    saw = ((t * f0) % 1.0 - 0.5).float()  # every harmonic of f0, period SR / f0 samples
+    assert median_f0(saw, SR) == pytest.approx(f0, rel=0.02)
+    assert median_f0(voice(1.0, f0, seed=3), SR) == pytest.approx(f0, rel=0.1)  # its pitch drifts by +-10%
+    assert median_f0(torch.zeros(SR), SR) is None
+    assert median_f0(0.1 * torch.randn(SR, generator=torch.Generator().manual_seed(0)), SR) is None
+
+
+def test_source_filter_speaks_at_its_pitch_with_the_log_mels_envelope(codec):
+    """The source-filter decoder's output, analysed again by the codec's own front end and median_f0: its pitch
+    is the f0 asked for, whatever pitch the log-mel came from, and its smooth envelope follows the log-mel's (a
+    4-nat formant bump added to the input comes out as a bump at the same bins, not elsewhere)."""
+    lm = codec.log_mel(voice(1.0, 210, seed=5), SR)
+    bump = torch.zeros(codec.n_mels, 1)
+    bump[20:30] = 4.0
+    wav, sr = codec.vocode(lm, f0=130.0)
+    assert sr == SR and wav.shape == ((lm.shape[1] - 1) * 320,) and wav.abs().max() <= 1.0
+    assert median_f0(wav, sr) == pytest.approx(130.0, rel=0.03)
+    smooth = envelope_projection(codec.n_mels, 24)
+    plain, bumped = (smooth @ codec.log_mel(codec.vocode(x, f0=130.0)[0], SR) for x in (lm, lm + bump))
+    rise = (bumped - plain).mean(1)  # per bin, over frames; levels are relative (the peak is normalised)
+    assert rise[20:30].mean() - rise[40:].mean() > 2.0
+    assert (rise[:10].mean() - rise[40:].mean()).abs() < 0.5
+    assert torch.equal(codec.vocode(lm, f0=130.0)[0], wav)  # seeded noise: one log-mel, one waveform
+    codes = codec.encode(voice(1.0, 170, seed=9), SR)
+    assert torch.equal(decode_codes(codec, codes, f0=130.0)[0], codec.vocode(codec.decode_log_mel(codes), 130.0)[0])
+    assert codec.prompt_f0(codes) == median_f0(*codec.decode(codes))  # Griffin-Lim keeps the codes' harmonics
+    with pytest.raises(ValueError, match="f0 must be a pitch in Hz"):
+        codec.vocode(lm, f0=0.0)
