@@ -33,7 +33,7 @@ import torch
 
 from tqdm import tqdm
 
-from codec import decode_codes, load_codec, load_corpus, load_pt, write_text
+from codec import choose_vocoder, decode_codes, load_codec, load_corpus, load_pt, write_text
 from metrics import (ASR_DECODING, NORMALIZATION, bootstrap, corpus_rate, corpus_wer, cosine, differences, load_asr,
                      load_speaker_encoder, mean, normalize_text, speaker_embedding, transcribe, wilson)
 from report import page_clips, page_utterances, write_report
@@ -96,12 +96,13 @@ def _load_judges(codec, asr_name, worker=False):
 
 
 def _judge_one(job):
-    """(codes, upper or None, transcribe?) -> (transcript, speaker embedding, {stage: reason} of failed stages).
+    """(codes, upper or None, transcribe?, f0) -> (transcript, speaker embedding, {stage: reason} of failed stages).
+    f0: None decodes by Griffin-Lim, a pitch (Hz) by the toy codec's source-filter decoder (MelRVQCodec.vocode).
 
     An utterance the judges cannot score must not abort the whole system: a one-frame output (an immediate EOS)
     that Griffin-Lim cannot invert, audio with NaNs, nothing left after Resemblyzer's silence trimming. A failed
     stage ("decode", "asr" or "speaker") leaves its result None (a failed decode both) and says why."""
-    codes, upper, want_text = job
+    codes, upper, want_text, f0 = job
     failed = {}
 
     def attempt(stage, f):
@@ -110,7 +111,7 @@ def _judge_one(job):
         except Exception as e:  # whatever the judge raised, it is this utterance's: recorded, not fatal
             failed[stage] = f"{type(e).__name__}: {e}"
 
-    audio = attempt("decode", lambda: decode_codes(_judges["codec"], codes, upper))
+    audio = attempt("decode", lambda: decode_codes(_judges["codec"], codes, upper, f0))
     if audio is None:
         return None, None, failed
     hyp = attempt("asr", lambda: transcribe(_judges["asr"], *audio)) if want_text else None
@@ -125,7 +126,7 @@ class Judges:
     def __init__(self, codec, asr_name=None, jobs=1):
         self.args, self.jobs, self.pool, self.ready = (codec, asr_name), jobs, None, False
 
-    def map(self, codes, want_text, desc=None, uppers=None):
+    def map(self, codes, want_text, desc=None, uppers=None, f0s=None):
         if not self.ready:
             if self.jobs > 1:
                 import multiprocessing as mp
@@ -133,7 +134,7 @@ class Judges:
             else:
                 _load_judges(*self.args)
             self.ready = True
-        jobs = [(c, u, want_text) for c, u in zip(codes, uppers or [None] * len(codes))]
+        jobs = [(c, u, want_text, f) for c, u, f in zip(codes, uppers or [None] * len(codes), f0s or [None] * len(codes))]
         it = map(_judge_one, jobs) if self.pool is None else self.pool.imap(_judge_one, jobs, chunksize=4)
         return list(tqdm(it, total=len(jobs), desc=desc, disable=desc is None))
 
@@ -143,12 +144,12 @@ class Judges:
             self.pool.join()
 
 
-def judge(judges, codes, want_text=True, desc=None, uppers=None):
+def judge(judges, codes, want_text=True, desc=None, uppers=None, f0s=None):
     """Decode each [Q, T] code matrix (with its upper part if `uppers`: see `decode`), transcribe it (if want_text)
     and embed its speaker: what is expensive, and all the cache keeps (errors and SIM are computed from it at
     report time, so a new text normaliser re-scores without re-transcribing). Returns per-utterance `hyps` and
     `embs` (lists; None where a judge failed) and `failures`, [{utt, stage, reason}] in utterance order."""
-    out = judges.map(codes, want_text, desc, uppers)
+    out = judges.map(codes, want_text, desc, uppers, f0s)
     failures = [dict(utt=i, stage=st, reason=why) for i, (_, _, f) in enumerate(out) for st, why in f.items()]
     if failures:
         print(f"{desc or 'judge'}: {len({f['utt'] for f in failures})} of {len(out)} utterances not fully judged "
@@ -328,6 +329,11 @@ def get_args(argv=None):
                     help="decode the NAR's layers 2..Q from its argmax codes, or as the expected codebook vectors "
                          "(sum_c p(c) * entry c, per layer) on top of layer 1 (speechalign.NAR.generate says why); "
                          "for golden_l1_nar and every AR")
+    ap.add_argument("--vocoder", choices=("auto", "griffin_lim", "source_filter"), default="auto",
+                    help="the toy codec's decoder for every system and prompt: Griffin-Lim, or the source-filter "
+                         "decoder at the pitch of each utterance's prompt (codec.MelRVQCodec.vocode says how they "
+                         "differ); auto: source_filter for the toy codec, chosen on dev (data/README.md), and "
+                         "EnCodec's own decoder for EnCodec")
     ap.add_argument("--golden_l1", action=argparse.BooleanOptionalAction, default=True, help="also judge golden "
                     "layer 1 alone, which the NAR should improve on (the main job skips it: no claim reads it)")
     ap.add_argument("--n_samples", type=int, default=3, help="WAV samples per system")
@@ -424,23 +430,32 @@ def main(argv=None):
               + ", ".join(f"{s['id']} ({s['reason']})" for s in skipped))
     if len(examples) < 2:
         raise SystemExit("the test list needs at least 2 utterances: raise --n_seen or --n_unseen")
+    try:
+        vocoder = choose_vocoder(codec, args.vocoder)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     judges = Judges(codec if args.jobs == 1 else args.codec, args.asr, args.jobs)
     base = dict(data=data, ids=ids, seed=args.seed, prompt_seconds=args.prompt_seconds, codec=codec.name,
                 asr=args.asr, asr_decoding=ASR_DECODING, device=device,  # a GPU samples otherwise from a seed
                 format=2)  # entries hold transcripts and embeddings, no errors: earlier ones are not read
+    f0s = None  # Griffin-Lim; entries from before the option keep their keys
+    if vocoder == "source_filter":
+        base["vocoder"] = vocoder
+        f0s = cached(args.cache, base | {"what": "prompt_f0"}, lambda: {"f0": [
+            codec.prompt_f0(prompt) for _, prompt, _ in tqdm(examples, desc="prompts: pitch")]})["f0"]
     shown = {"n_samples": args.n_samples}  # entries with generated speech keep the codes of that many utterances
     page = page_utterances(splits)  # and of the listening page's utterances (report.write_page)
 
     # Raw per-utterance measurements, each cached: prompts, golden, golden layer 1 + NAR, then every AR. The
     # prompts are heard through the codec (the toy corpus ships codes, not audio), once for every system.
     prompts = cached(args.cache, base | {"what": "prompts"}, lambda: judge(
-        judges, [prompt for _, prompt, _ in examples], False, "prompts: embed"))
+        judges, [prompt for _, prompt, _ in examples], False, "prompts: embed", f0s=f0s))
 
     def rounded(upper):  # 4 decimals: about float16's precision, and a smaller cache file
         return [[round(x, 4) for x in row] for row in upper.tolist()]
 
     def score(name, codes, uppers=None):
-        out = judge(judges, codes, True, f"{name}: judge", uppers)
+        out = judge(judges, codes, True, f"{name}: judge", uppers, f0s)
         if uppers is not None:
             out["samples_upper"] = [rounded(u) for u in uppers[:args.n_samples]]
         return out | {"samples": [c.tolist() for c in codes[:args.n_samples]]}
@@ -500,17 +515,22 @@ def main(argv=None):
         normalization=NORMALIZATION, wer_kind="corpus-level (total errors / total reference words)",
         sim_kind="cosine of Resemblyzer embeddings of the generated speech and of its prompt decoded by the codec "
                  "(`sim`), and of the golden resynthesis of the same utterance (`sim_to_golden`)",
-        codec=codec.name, nar=f"{args.nar} ({args.nar_precision})", nar_decoding=args.nar_decoding,
+        codec=codec.name, vocoder=vocoder or "the codec's own", nar=f"{args.nar} ({args.nar_precision})", nar_decoding=args.nar_decoding,
         sampling=shared, seed=args.seed, prompt_seconds=args.prompt_seconds,
         n_seen=splits.count("seen"), n_unseen=splits.count("unseen"), n_boot=args.n_boot, skipped=skipped,
         prompt_unscored=[dict(id=ids[f["utt"]], stage=f["stage"], reason=f["reason"]) for f in prompts["failures"]],
         test=[dict(id=i, split=sp, ref=r, ref_words=w) for i, sp, r, w in zip(ids, splits, refs, words)])
     layer1 = {"golden": golden_l1} | {n: r["layer1"] for n, r in results.items() if "layer1" in r}
     prompt_samples = [p.tolist() for _, p, _ in examples[:args.n_samples]]
-    table = write_report(args.out, report, codec, {"prompt": prompts | {"samples": prompt_samples}, **results},
+    samples = {"prompt": prompts | {"samples": prompt_samples}, **results}
+    clips = page_clips(results, ids, [e[1] for e in examples], golden_codes, page)
+    if f0s is not None:  # the WAVs are decoded as they were judged, each at its prompt's pitch
+        samples = {n: r | {"samples_f0": f0s[:len(r["samples"])]} for n, r in samples.items()}
+        pitch = dict(zip(ids, f0s))
+        clips = {n: {u: (*c, pitch[u]) for u, c in by_utt.items()} for n, by_utt in clips.items()}
+    table = write_report(args.out, report, codec, samples,
                          {n: layer1_features(seqs, codec.card[0]).numpy() for n, seqs in layer1.items()},
-                         [args.nar] + [p for _, p, _ in systems],
-                         page_clips(results, ids, [e[1] for e in examples], golden_codes, page), curve_names)
+                         [args.nar] + [p for _, p, _ in systems], clips, curve_names)
     print("\n".join(table + [f"listening page: {os.path.join(args.out, 'report.html')}",
                               f"report: {os.path.join(args.out, 'report.md')}"]))
 

@@ -102,14 +102,16 @@ def safe_name(utt_id):
 
 def write_samples(out, codec, samples, ids):
     """out/samples/<system>/<utterance id>.wav for the codes each system's result keeps ("samples", and its
-    "samples_upper" with --nar_decoding expected); one that did not decode is left out (the report lists it)."""
+    "samples_upper" with --nar_decoding expected, and "samples_f0" with --vocoder source_filter); one that did not
+    decode is left out (the report lists it)."""
     safe = [safe_name(i) for i in ids]
     for name, res in samples.items():
         undecodable = {f["utt"] for f in res["failures"] if f["stage"] == "decode"}
         uppers = res.get("samples_upper", [None] * len(res["samples"]))
-        for k, (codes, upper) in enumerate(zip(res["samples"], uppers)):
+        f0s = res.get("samples_f0", [None] * len(res["samples"]))
+        for k, (codes, upper, f0) in enumerate(zip(res["samples"], uppers, f0s)):
             if k not in undecodable:
-                write_wav(os.path.join(out, "samples", name, f"{safe[k]}.wav"), *decode_codes(codec, codes, upper))
+                write_wav(os.path.join(out, "samples", name, f"{safe[k]}.wav"), *decode_codes(codec, codes, upper, f0))
 
 
 def fmt(x, spec=".3f", ci=None):
@@ -237,7 +239,7 @@ def md_html(md):
 def write_page(out, report, codec, clips, md):
     """out/report.html and its WAVs under out/listen/: report.md's tables (md), the plots, and for each of the
     page_utterances its text, its prompt and one player per system with that system's transcript, WER and SIM
-    of the utterance. clips: for "prompt" and each system, {utterance id: (codes, upper part or None)}; a clip
+    of the utterance. clips: for "prompt" and each system, {utterance id: (codes, upper part or None[, f0])}; a clip
     that is not there (a system scored before the page existed) or that did not decode is shown as such."""
     S, test = report["systems"], report["test"]
     undecodable = {(nm, u["id"]) for nm, s in S.items() for u in s["unscored"] if u["stage"] == "decode"}

@@ -525,12 +525,11 @@ class NAR(CodecLM):
 # From (text, prompt) to a waveform: AR samples layer 1, NAR fills in 2..Q, the codec decodes.
 
 @torch.no_grad()
-def synthesise(ar, nar, texts, prompts, codec=None, nar_precision="fp32", expected=None,
-               **sampling):
+def synthesise(ar, nar, texts, prompts, nar_precision="fp32", expected=None, **sampling):
     """Returns (codes [Q, T_i] per example, hit_limit [B]), then with `expected` (the codec's
-    tables, see NAR.generate) the expected upper layers [T_i, D], then if a codec is given the
-    waveforms (decoded from layer 1 + those with `expected`). The AR samples in fp32: its one-token
-    steps are too small to gain from bf16 (they were slower under autocast)."""
+    tables, see NAR.generate) the expected upper layers [T_i, D], which the codec decodes on top of
+    layer 1 (codec.decode_codes). The AR samples in fp32: its one-token steps are too small to gain
+    from bf16 (they were slower under autocast)."""
     layer1, hit_limit = ar.generate(texts, prompts, **sampling)
     # an immediate EOS: 1 frame
     layer1 = [c if len(c) else torch.zeros(1, dtype=torch.long) for c in layer1]
@@ -538,11 +537,7 @@ def synthesise(ar, nar, texts, prompts, codec=None, nar_precision="fp32", expect
         codes, uppers = nar.generate(texts, prompts, layer1, nar_precision), [None] * len(layer1)
     else:
         codes, uppers = nar.generate(texts, prompts, layer1, nar_precision, expected)
-    out = () if expected is None else (uppers,)
-    if codec is not None:
-        out += ([codec.decode(c if u is None else c[:1], upper=u)[0]
-                 for c, u in zip(codes, uppers)],)
-    return codes, hit_limit, *out
+    return (codes, hit_limit) if expected is None else (codes, hit_limit, uppers)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ decodes it to a WAV.
 The text is phonemised as the training data was (espeak-ng, data/make_toy_corpus.py's `phonemise`). The voice
 is the first seconds of the prompt, as many as the AR was trained with (its --prompt_seconds, 3 s by default).
 Sampling is the one evaluation and SpeechAlign use (speechalign.SAMPLING) from a generator seeded by --seed, and
-the NAR is deterministic (its expected upper layers by default, as in eval.py), so a seed gives the same WAV on
-the same machine.
+the NAR is deterministic (its expected upper layers by default, as in eval.py), and so is the decoder (with the
+toy codec, by default the source-filter decoder at the prompt's pitch, as in eval.py), so a seed gives the same
+WAV on the same machine.
 """
 import argparse
 import os
@@ -20,7 +21,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from codec import load_codec, write_wav
+from codec import choose_vocoder, decode_codes, load_codec, write_wav
 from eval import named
 from speechalign import SAMPLING, frame_limit, load_model, read_checkpoint, synthesise
 
@@ -39,6 +40,9 @@ def get_args(argv=None):
     ap.add_argument("--codec", default="data/toy/codec.pt", help="toy codec file, or 'encodec'")
     ap.add_argument("--nar_decoding", choices=("argmax", "expected"), default="expected",
                     help="the NAR's upper layers as its argmax codes or its expected codebook vectors (eval.py's)")
+    ap.add_argument("--vocoder", choices=("auto", "griffin_lim", "source_filter"), default="auto",
+                    help="the toy codec's decoder (eval.py's --vocoder; auto: source_filter at the prompt's pitch "
+                         "for the toy codec, EnCodec's own decoder for EnCodec)")
     ap.add_argument("--seed", type=int, default=0, help="seeds the AR's sampling")
     return ap.parse_args(argv)
 
@@ -144,6 +148,10 @@ def main(argv=None):
         codec = load_codec(args.codec, device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--codec: {e}") from None
+    try:
+        vocoder = choose_vocoder(codec, args.vocoder)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     for what, path, ckpt in [("--nar", args.nar, nar_ckpt)] + [("--ar", p, c) for p, c in ckpts.items()]:
         if ckpt["codec"]["name"] != codec.name:
             raise SystemExit(f"{what} {path} was trained on codec {ckpt['codec']['name']}, but --codec {args.codec} "
@@ -170,13 +178,15 @@ def main(argv=None):
             # one AR forward per sampled frame; the hook returns None (a value would replace the forward's output)
             hook = ar.register_forward_hook(lambda *_: bar.update() and None)
             try:
-                _, hit_limit, *_, wavs = synthesise(ar, nar, [ids], [prompt[:, :need]], codec, generator=g,
-                                                    expected=tables, frame_rate=codec.frame_rate, **SAMPLING)
+                codes, hit_limit, *upper = synthesise(ar, nar, [ids], [prompt[:, :need]], generator=g,
+                                                      expected=tables, frame_rate=codec.frame_rate, **SAMPLING)
             finally:
                 hook.remove()
-        write_wav(out, wavs[0], codec.sample_rate)
+        f0 = codec.prompt_f0(prompt[:, :need]) if vocoder == "source_filter" else None
+        wav, sr = decode_codes(codec, codes[0], upper[0][0] if upper else None, f0)
+        write_wav(out, wav, sr)
         note = f" (it did not stop by itself: cut at the length limit, {limit} frames)" if hit_limit[0] else ""
-        print(f"{name}: {len(wavs[0]) / codec.sample_rate:.2f} s of speech in {out}{note}")
+        print(f"{name}: {len(wav) / sr:.2f} s of speech in {out}{note}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -333,7 +334,6 @@ class FakeWhisper:
 
     def transcribe(self, audio, **options):
         import zlib
-        from types import SimpleNamespace
         self.calls.append(options)
         text = self.fixed if options.get("no_repeat_ngram_size") else self.looping
         ratio = len(text.encode()) / len(zlib.compress(text.encode()))
@@ -360,10 +360,15 @@ class FakeCodec:
     def __init__(self, real, bad):
         self.name, self.card, self.bad, self.calls = real.name, real.card, bad, 0
         self.tables, self.uppers = real.tables, []  # the real tables; (layers, upper) of each decode given one
+        self.pitches = []  # (layer 1, f0) of each decode
 
-    def decode(self, codes, upper=None):
+    def prompt_f0(self, prompt):  # a pitch of each prompt's own
+        return 100.0 + torch.as_tensor(prompt)[0].float().mean().item() % 50
+
+    def decode(self, codes, upper=None, f0=None):
         self.calls += 1
         codes = torch.as_tensor(codes)
+        self.pitches.append((tuple(codes[0].tolist()), f0))
         if self.bad is not None and torch.equal(codes, self.bad):
             raise RuntimeError("Padding size should be less than the corresponding input dimension")
         t = torch.arange(codes.shape[1] * 320)
@@ -526,6 +531,41 @@ def test_expected_nar_decoding_has_its_own_cache_entries_and_report_field(tiny, 
     assert len(calls) == 2 * 6 + 2 + 2 * 6
     assert all(q == 1 and u.dtype == torch.float32 and u.shape[1] == n_mels for q, u in calls)
     assert "its upper layers decoded from its expected codebook vectors" in (tmp_path / "report.md").read_text()
+
+
+def test_source_filter_decodes_each_utterance_at_its_prompts_pitch_under_keys_of_its_own(tiny, fakes, tmp_path,
+                                                                                       monkeypatch):
+    """The source-filter decoder (the toy codec's default) judges every system (prompts and golden included)
+    again, under new cache keys, each utterance decoded at the pitch of its own prompt; Griffin-Lim runs keep the
+    keys they had before the option existed."""
+    fakes["codec"].bad = None  # every utterance decodes
+    codec = fakes["codec"]
+    griffin_lim = fake_eval(tiny, tmp_path, "--n_samples", 1, "--vocoder", "griffin_lim")
+    before = set((tmp_path / "cache").iterdir())
+    assert all("vocoder" not in json.loads(p.read_text())["key"] for p in before)
+    assert {f0 for _, f0 in codec.pitches} == {None}
+    codec.pitches.clear()
+    source_filter = fake_eval(tiny, tmp_path, "--n_samples", 1)  # the default
+    keys = [json.loads(p.read_text())["key"] for p in set((tmp_path / "cache").iterdir()) - before]
+    assert sorted(k["what"] for k in keys) == ["ar", "golden", "golden_l1", "golden_l1_nar", "prompt_f0", "prompts"]
+    assert all(k["vocoder"] == "source_filter" for k in keys)
+    assert (griffin_lim["vocoder"], source_filter["vocoder"]) == ("griffin_lim", "source_filter")
+    _, tok, _ = load_model(tiny / "nar.pt", "nar")
+    examples = build_test_set(load_corpus(SEEN), tok, 4)[0] + build_test_set(load_corpus(UNSEEN), tok, 2)[0]
+    pitch = [codec.prompt_f0(prompt) for _, prompt, _ in examples]
+    assert None not in {f0 for _, f0 in codec.pitches}
+    for (_, prompt, golden), f0 in zip(examples, pitch):  # the prompt, golden and golden layer 1 at its pitch
+        assert codec.pitches.count((tuple(prompt[0].tolist()), f0)) >= 1
+        assert codec.pitches.count((tuple(golden[0].tolist()), f0)) >= 2
+    assert len(codec.pitches) == 6 * 5 + 5 + 5 * 6  # judged (prompts + 4 systems), one sample each, the page
+    import eval as ev
+    encodec_like = SimpleNamespace(name=codec.name, card=codec.card, tables=codec.tables, decode=codec.decode)
+    monkeypatch.setattr(ev, "load_codec", lambda spec, device="cpu": encodec_like)  # no log-mel, no prompt_f0
+    with pytest.raises(SystemExit, match="--vocoder source_filter decodes the toy codec's log-mels"):
+        fake_eval(tiny, tmp_path / "encodec", "--vocoder", "source_filter")
+    codec.pitches.clear()
+    assert fake_eval(tiny, tmp_path / "encodec", "--n_samples", 1)["vocoder"] == "the codec's own"  # auto
+    assert {f0 for _, f0 in codec.pitches} == {None}
 
 
 def test_the_page_plays_the_judged_samples_and_reuses_entries_cached_before_it(tiny, fakes, tmp_path):

@@ -18,7 +18,7 @@ import soundfile as sf
 import torch
 
 import synthesize
-from codec import ENCODEC_FILE, EncodecCodec, codec_info, load_codec, load_corpus
+from codec import ENCODEC_FILE, EncodecCodec, codec_info, load_codec, load_corpus, median_f0
 from speechalign import AR, NAR, LMConfig, TextTokenizer, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +108,19 @@ def test_nar_decoding_changes_only_the_upper_layers(files, tmp_path):
     synthesize.main(args(files, tmp_path / "default.wav"))
     assert np.array_equal(sf.read(tmp_path / "default.wav", dtype="float32")[0], wav["expected"])
     assert len(wav["expected"]) == len(wav["argmax"]) and not np.allclose(wav["expected"], wav["argmax"], atol=1e-3)
+
+
+def test_the_toy_codec_speaks_at_the_prompts_pitch_through_the_source_filter_decoder(files, tmp_path):
+    """By default the toy codec's WAV comes from its source-filter decoder, at the pitch of the prompt as the AR
+    reads it (its first 3 s, through Griffin-Lim); --vocoder griffin_lim decodes the same sample without it."""
+    for how in ("auto", "griffin_lim"):
+        synthesize.main(args(files, tmp_path / f"{how}.wav", vocoder=how))
+    default, griffin_lim = (sf.read(tmp_path / f"{how}.wav", dtype="float32")[0] for how in ("auto", "griffin_lim"))
+    codec = load_codec(str(CODEC))
+    prompt, _ = synthesize.read_prompt(str(files / "voice.wav"), codec)
+    f0 = codec.prompt_f0(prompt[:, :3 * codec.frame_rate])
+    assert median_f0(torch.from_numpy(default), 16000) == pytest.approx(f0, rel=0.03)
+    assert len(default) == len(griffin_lim) and not np.allclose(default, griffin_lim, atol=1e-3)
 
 
 def refused(files, tmp_path, match, **kw):
