@@ -97,7 +97,8 @@ def _load_judges(codec, asr_name, worker=False):
 
 def _judge_one(job):
     """(codes, upper or None, transcribe?, f0) -> (transcript, speaker embedding, {stage: reason} of failed stages).
-    f0: None decodes by Griffin-Lim, a pitch (Hz) by the toy codec's source-filter decoder (MelRVQCodec.vocode).
+    f0: None decodes by the codec's default (the toy codec's Griffin-Lim), a pitch (Hz) by the toy codec's
+    source-filter decoder (MelRVQCodec.vocode).
 
     An utterance the judges cannot score must not abort the whole system: a one-frame output (an immediate EOS)
     that Griffin-Lim cannot invert, audio with NaNs, nothing left after Resemblyzer's silence trimming. A failed
@@ -134,7 +135,8 @@ class Judges:
             else:
                 _load_judges(*self.args)
             self.ready = True
-        jobs = [(c, u, want_text, f) for c, u, f in zip(codes, uppers or [None] * len(codes), f0s or [None] * len(codes))]
+        none = [None] * len(codes)
+        jobs = [(c, u, want_text, f) for c, u, f in zip(codes, uppers or none, f0s or none)]
         it = map(_judge_one, jobs) if self.pool is None else self.pool.imap(_judge_one, jobs, chunksize=4)
         return list(tqdm(it, total=len(jobs), desc=desc, disable=desc is None))
 
@@ -145,9 +147,10 @@ class Judges:
 
 
 def judge(judges, codes, want_text=True, desc=None, uppers=None, f0s=None):
-    """Decode each [Q, T] code matrix (with its upper part if `uppers`: see `decode`), transcribe it (if want_text)
-    and embed its speaker: what is expensive, and all the cache keeps (errors and SIM are computed from it at
-    report time, so a new text normaliser re-scores without re-transcribing). Returns per-utterance `hyps` and
+    """Decode each [Q, T] code matrix (with its upper part if `uppers`: see `decode`; at its pitch if `f0s`: see
+    `_judge_one`), transcribe it (if want_text) and embed its speaker: what is expensive, and all the cache keeps
+    (errors and SIM are computed from it at report time, so a new text normaliser re-scores without
+    re-transcribing). Returns per-utterance `hyps` and
     `embs` (lists; None where a judge failed) and `failures`, [{utt, stage, reason}] in utterance order."""
     out = judges.map(codes, want_text, desc, uppers, f0s)
     failures = [dict(utt=i, stage=st, reason=why) for i, (_, _, f) in enumerate(out) for st, why in f.items()]
@@ -515,7 +518,8 @@ def main(argv=None):
         normalization=NORMALIZATION, wer_kind="corpus-level (total errors / total reference words)",
         sim_kind="cosine of Resemblyzer embeddings of the generated speech and of its prompt decoded by the codec "
                  "(`sim`), and of the golden resynthesis of the same utterance (`sim_to_golden`)",
-        codec=codec.name, vocoder=vocoder or "the codec's own", nar=f"{args.nar} ({args.nar_precision})", nar_decoding=args.nar_decoding,
+        codec=codec.name, vocoder=vocoder or "the codec's own", nar=f"{args.nar} ({args.nar_precision})",
+        nar_decoding=args.nar_decoding,
         sampling=shared, seed=args.seed, prompt_seconds=args.prompt_seconds,
         n_seen=splits.count("seen"), n_unseen=splits.count("unseen"), n_boot=args.n_boot, skipped=skipped,
         prompt_unscored=[dict(id=ids[f["utt"]], stage=f["stage"], reason=f["reason"]) for f in prompts["failures"]],

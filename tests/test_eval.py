@@ -550,6 +550,7 @@ def test_source_filter_decodes_each_utterance_at_its_prompts_pitch_under_keys_of
     assert sorted(k["what"] for k in keys) == ["ar", "golden", "golden_l1", "golden_l1_nar", "prompt_f0", "prompts"]
     assert all(k["vocoder"] == "source_filter" for k in keys)
     assert (griffin_lim["vocoder"], source_filter["vocoder"]) == ("griffin_lim", "source_filter")
+    assert "decoded by the source-filter decoder at each prompt's pitch" in (tmp_path / "report.md").read_text()
     _, tok, _ = load_model(tiny / "nar.pt", "nar")
     examples = build_test_set(load_corpus(SEEN), tok, 4)[0] + build_test_set(load_corpus(UNSEEN), tok, 2)[0]
     pitch = [codec.prompt_f0(prompt) for _, prompt, _ in examples]

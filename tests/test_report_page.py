@@ -56,7 +56,8 @@ def fake_report(splits):
                              unscored=unscored, per_utterance=per)
     return dict(systems=systems, chance=dict(wer=1.1, wer_ci=[1.0, 1.2]), n_seen=splits.count("seen"),
                 n_unseen=splits.count("unseen"), prompt_seconds=3.0, seed=0, skipped=[], wer_kind="corpus",
-                asr="fake", normalization="none", sim_kind="fake", codec="tone", nar="nar.pt", nar_decoding="argmax",
+                asr="fake", normalization="none", sim_kind="fake", codec="tone", vocoder="griffin_lim", nar="nar.pt",
+                nar_decoding="argmax",
                 sampling={}, n_boot=10, prompt_unscored=[], test=test,
                 pairwise={"sft_vs_golden": dict(delta_wer=0.3, delta_wer_ci=[0.2, 0.4], delta_sim=0.0,
                                                 delta_sim_ci=[-0.1, 0.1])})
