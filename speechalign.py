@@ -522,7 +522,7 @@ class NAR(CodecLM):
 
 
 # -------------------------------------------------------------------------------------------------
-# From (text, prompt) to a waveform: AR samples layer 1, NAR fills in 2..Q, the codec decodes.
+# From (text, prompt) to codes: AR samples layer 1, NAR fills in 2..Q (codec.decode_codes makes the waveform).
 
 @torch.no_grad()
 def synthesise(ar, nar, texts, prompts, nar_precision="fp32", expected=None, **sampling):
