@@ -262,7 +262,7 @@ class MelRVQCodec:
         self.card = tuple(c.shape[0] for c in self.centroids)
         self.mel = torchaudio.transforms.MelSpectrogram(
             self.sample_rate, n_fft=self.n_fft, hop_length=self.hop, n_mels=self.n_mels, power=1.0)
-        self._inv = self._envelope_inv = None  # decoder transforms, built on first decode
+        self._inv = None  # decoder transforms, built on first decode
         digest = torch.cat([c.flatten() for c in self.centroids] + [self.mean]).numpy().tobytes()
         tag = hashlib.sha1(digest).hexdigest()[:8]
         mels = "" if self.n_mels == 80 else f"-mel{self.n_mels}"  # 80-bin codecs keep their earlier names
@@ -365,31 +365,26 @@ class MelRVQCodec:
         source is a pulse train at f0 below about VOICED_BELOW Hz, mixed into noise above it, its phase the
         excitation's own. It speaks every frame at one pitch, the speaker's (`prompt_f0`), so it loses the
         intonation that the codes may hold. data/README.md has the measurements of both."""
-        if f0 is not None:
-            return self._source_filter(log_mel, f0), self.sample_rate
         if self._inv is None:
             self._inv = (
                 torchaudio.transforms.InverseMelScale(self.n_fft // 2 + 1, self.n_mels, self.sample_rate),
                 torchaudio.transforms.GriffinLim(self.n_fft, n_iter=self.griffin_lim_iters,
                                                  hop_length=self.hop, power=1.0, rand_init=False),
+                envelope_projection(self.n_mels, SOURCE_FILTER_ENVELOPE),
             )
-        inv_mel, griffin_lim = self._inv
-        spec = inv_mel(log_mel.exp())
-        wav = griffin_lim(spec)
+        inv_mel, griffin_lim, smooth = self._inv
+        if f0 is None:
+            wav = griffin_lim(inv_mel(log_mel.exp()))
+        else:  # the filter: each frame's envelope as linear magnitudes [bins, T]
+            wav = self._source_filter(inv_mel((smooth @ log_mel).exp()).clamp(min=0), f0)
         peak = wav.abs().max()
         return (wav / peak * 0.95 if peak > 1 else wav), self.sample_rate
 
-    def _source_filter(self, log_mel, f0):
+    def _source_filter(self, filt, f0):
         if not 30 <= f0 <= 1000:
             raise ValueError(f"f0 must be a pitch in Hz within [30, 1000], got {f0}")
-        if self._envelope_inv is None:
-            self._envelope_inv = (envelope_projection(self.n_mels, SOURCE_FILTER_ENVELOPE),
-                                  torchaudio.transforms.InverseMelScale(self.n_fft // 2 + 1, self.n_mels,
-                                                                        self.sample_rate))
-        smooth, inv_mel = self._envelope_inv
-        frames = log_mel.shape[1]
+        frames = filt.shape[1]
         n = (frames - 1) * self.hop
-        filt = inv_mel((smooth @ log_mel).exp()).clamp(min=0)  # [bins, T] linear magnitudes
         t = torch.arange(n, dtype=torch.float64)
         cycle = torch.floor(t * f0 / self.sample_rate)
         pulses = torch.cat([torch.ones(1), (cycle[1:] > cycle[:-1]).float()])  # one at the start of each period
@@ -403,9 +398,7 @@ class MelRVQCodec:
         freq = torch.linspace(0, self.sample_rate / 2, self.n_fft // 2 + 1).unsqueeze(1)
         voiced = 1 / (1 + (freq / VOICED_BELOW) ** 4)  # power-complementary crossover into noise
         source = voiced * flat(pulses) + (1 - voiced ** 2).sqrt() * flat(noise)
-        wav = torch.istft(source * filt, self.n_fft, self.hop, window=window, length=n)
-        peak = wav.abs().max()
-        return wav / peak * 0.95 if peak > 1 else wav
+        return torch.istft(source * filt, self.n_fft, self.hop, window=window, length=n)
 
     # --- save / load ---------------------------------------------------------------------------------
     def save(self, path):
@@ -445,6 +438,9 @@ def median_f0(wav, sr, fmin=60.0, fmax=400.0, threshold=0.5):
     if not voiced.any():
         return None
     return float((16000 / (lag[voiced] + lo).double()).median())
+
+
+VOCODERS = ("auto", "griffin_lim", "source_filter")  # the choices of --vocoder (choose_vocoder)
 
 
 def choose_vocoder(codec, vocoder):

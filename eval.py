@@ -33,7 +33,7 @@ import torch
 
 from tqdm import tqdm
 
-from codec import choose_vocoder, decode_codes, load_codec, load_corpus, load_pt, write_text
+from codec import VOCODERS, choose_vocoder, decode_codes, load_codec, load_corpus, load_pt, write_text
 from metrics import (ASR_DECODING, NORMALIZATION, bootstrap, corpus_rate, corpus_wer, cosine, differences, load_asr,
                      load_speaker_encoder, mean, normalize_text, speaker_embedding, transcribe, wilson)
 from report import page_clips, page_utterances, write_report
@@ -332,7 +332,7 @@ def get_args(argv=None):
                     help="decode the NAR's layers 2..Q from its argmax codes, or as the expected codebook vectors "
                          "(sum_c p(c) * entry c, per layer) on top of layer 1 (speechalign.NAR.generate says why); "
                          "for golden_l1_nar and every AR")
-    ap.add_argument("--vocoder", choices=("auto", "griffin_lim", "source_filter"), default="auto",
+    ap.add_argument("--vocoder", choices=VOCODERS, default="auto",
                     help="the toy codec's decoder for every system and prompt: Griffin-Lim, or the source-filter "
                          "decoder at the pitch of each utterance's prompt (codec.MelRVQCodec.vocode says how they "
                          "differ); auto: source_filter for the toy codec, chosen on dev (data/README.md), and "

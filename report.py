@@ -100,7 +100,7 @@ def safe_name(utt_id):
     return re.sub(r"[^\w.-]", "_", utt_id)
 
 
-VOCODERS = {"griffin_lim": "Griffin-Lim", "source_filter": "the source-filter decoder at each prompt's pitch"}
+VOCODER_NAMES = {"griffin_lim": "Griffin-Lim", "source_filter": "the source-filter decoder at each prompt's pitch"}
 
 
 def write_samples(out, codec, samples, ids):
@@ -152,7 +152,7 @@ def markdown(r):
              f"{'`golden_l1`: golden layer 1 alone; ' if 'golden_l1' in r['systems'] else ''}"
              "`golden_l1_nar`: golden layer 1 + the NAR; `chance`: golden transcripts scored against other "
              "utterances' sentences.",
-             f"- Codec: {r['codec']}, decoded by {VOCODERS.get(r['vocoder'], r['vocoder'])}. NAR: {r['nar']}, its "
+             f"- Codec: {r['codec']}, decoded by {VOCODER_NAMES.get(r['vocoder'], r['vocoder'])}. NAR: {r['nar']}, its "
              f"upper layers decoded from its {r['nar_decoding']} "
              f"{'codes' if r['nar_decoding'] == 'argmax' else 'codebook vectors'}. AR sampling (KV cache): "
              f"{r['sampling']}.",

@@ -21,7 +21,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from codec import choose_vocoder, decode_codes, load_codec, write_wav
+from codec import VOCODERS, choose_vocoder, decode_codes, load_codec, write_wav
 from eval import named
 from speechalign import SAMPLING, frame_limit, load_model, read_checkpoint, synthesise
 
@@ -40,7 +40,7 @@ def get_args(argv=None):
     ap.add_argument("--codec", default="data/toy/codec.pt", help="toy codec file, or 'encodec'")
     ap.add_argument("--nar_decoding", choices=("argmax", "expected"), default="expected",
                     help="the NAR's upper layers as its argmax codes or its expected codebook vectors (eval.py's)")
-    ap.add_argument("--vocoder", choices=("auto", "griffin_lim", "source_filter"), default="auto",
+    ap.add_argument("--vocoder", choices=VOCODERS, default="auto",
                     help="the toy codec's decoder (eval.py's --vocoder; auto: source_filter at the prompt's pitch "
                          "for the toy codec, EnCodec's own decoder for EnCodec)")
     ap.add_argument("--seed", type=int, default=0, help="seeds the AR's sampling")
