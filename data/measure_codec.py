@@ -4,6 +4,10 @@ loses) and of its resynthesis from 1, 2, 4 and all layers.
 
     python data/measure_codec.py data/toy_corpus/test_seen.jsonl data/toy/codec.pt --limit 150 --out seen.json
 
+--vocoder is eval.py's: "auto" (the default) and "source_filter" decode with the source-filter decoder at the pitch
+the codes of the prompt utterance carry (MelRVQCodec.prompt_f0), as evaluation does; "griffin_lim" inverts the
+log-mel with Griffin-Lim, as every measurement before the source-filter decoder did.
+
 WER is corpus-level on normalised text (metrics.NORMALIZATION). SIM is the cosine of Resemblyzer embeddings
 between the audio and a *different* original utterance of the same speaker (the prompt-style SIM used in
 evaluation), and, for resynthesis, also against its own original. "chance" scores the original audio's
@@ -21,7 +25,7 @@ from tqdm import tqdm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
-from codec import MelRVQCodec, write_text  # noqa: E402
+from codec import VOCODERS, MelRVQCodec, choose_vocoder, write_text  # noqa: E402
 from metrics import corpus_wer, cosine, load_asr, load_speaker_encoder, speaker_embedding, transcribe  # noqa: E402
 from tokenize_corpus import read_manifest  # noqa: E402
 
@@ -34,10 +38,12 @@ def main():
     ap.add_argument("--layers", type=int, nargs="+", default=None, help="default: 1 2 4 ... n_q")
     ap.add_argument("--out", required=True, help="JSON with totals and per-utterance results")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocoder", choices=VOCODERS, default="auto", help="the decoder of 'mel' and the resyntheses")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
     codec = MelRVQCodec.load(args.codec)
+    vocoder = choose_vocoder(codec, args.vocoder)
     layers = args.layers or sorted({q for q in (1, 2, 4, 8) if q < codec.n_q} | {codec.n_q})
     rows = read_manifest(args.manifest)
     root = os.path.dirname(os.path.abspath(args.manifest))
@@ -67,14 +73,16 @@ def main():
         prompt = rng.choice([r for r in by_spk[row["speaker"]] if r["id"] != row["id"]])
         wav, sr = original(row)
         codes = codec.encode(wav, sr)
-        item = {"id": row["id"], "prompt": prompt["id"]}
+        # the pitch the decoder speaks at comes from the prompt's codes, not from this utterance: as in evaluation
+        f0 = codec.prompt_f0(codec.encode(*original(prompt))) if vocoder == "source_filter" else None
+        item = {"id": row["id"], "prompt": prompt["id"], "f0": f0}
         for s in systems:
             if s == "original":
                 audio = (wav, sr)
             elif s == "mel":
-                audio = codec.vocode(codec.log_mel(wav, sr))
+                audio = codec.vocode(codec.log_mel(wav, sr), f0)
             else:
-                audio = codec.decode(codes[: int(s.split("_")[1])])
+                audio = codec.decode(codes[: int(s.split("_")[1])], f0=f0)
             hyps[s].append(transcribe(asr, *audio))
             e = emb(row) if s == "original" else speaker_embedding(enc, *audio)
             sims[s].append(cosine(e, emb(prompt)))
@@ -85,7 +93,7 @@ def main():
 
     refs = [r["text"] for r in rows]
     shuffled = refs[1:] + refs[:1]  # every transcript scored against another utterance's sentence
-    result = {"manifest": args.manifest, "codec": codec.name, "n_utts": len(rows), "systems": {}}
+    result = {"manifest": args.manifest, "codec": codec.name, "vocoder": vocoder, "n_utts": len(rows), "systems": {}}
     for s in systems:
         result["systems"][s] = {"wer": corpus_wer(refs, hyps[s])["wer"], "sim_prompt": sum(sims[s]) / len(rows)}
         if s != "original":
