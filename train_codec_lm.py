@@ -34,6 +34,10 @@ class TrainArgs:
     out: str = field(metadata={"help": "checkpoint path"})
     train: str = field(default="data/toy_corpus/train.pt", metadata={
         "help": "tokenised training corpus"})
+    extra_train: str = field(default=None, metadata={
+        "help": "more tokenised corpora to train on, of the same codec (e.g. the NAR's extra voices: "
+                "data/tokenize_corpus.py --speed). The text tokenizer is --train's; their texts must fit it",
+        "nargs": "+"})
     val: str = field(default="data/toy_corpus/dev_seen.pt", metadata={
         "help": "tokenised validation corpus (a dev split: the test splits only report)"})
     text: str = field(default="phonemes", metadata={
@@ -177,6 +181,16 @@ def validate(model, val_examples, args, device):
     return total / count
 
 
+def joined(corpus, extra, path):
+    """A corpus with another one's utterances after its own (--extra_train); an id may occur once only. The
+    text tokenizer is built from --train's texts before this, so that the extra corpora change no token id."""
+    repeated = set(corpus["ids"]) & set(extra["ids"])
+    if repeated:
+        raise SystemExit(f"{path}: {len(repeated)} utterance ids are in the training corpus already, e.g. "
+                         f"{sorted(repeated)[0]}")
+    return corpus | {k: corpus[k] + extra[k] for k in ("ids", "texts", "phonemes", "speakers", "utts")}
+
+
 def load_resume_checkpoint(args):
     """The checkpoint --resume continues from. It must come from a run of this model on the same corpus and
     model shape: the model is rebuilt from the checkpoint's config and tokenizer, so other settings would be
@@ -187,9 +201,12 @@ def load_resume_checkpoint(args):
         raise SystemExit(f"--resume: no checkpoint at {args.out}")
     ckpt = load_pt(args.out, "checkpoint")
     data_order = ["seed", "batch_size", "prompt_seconds", "prompt_seconds_min", "short_first"]
-    same = ["model", "train", "text", *data_order, *(f.name for f in fields(LMConfig) if f.name in vars(args))]
-    # checkpoints from before --prompt_seconds_min and --short_first drew fixed prompts in random order
-    stored = {"prompt_seconds_min": ckpt["args"].get("prompt_seconds"), "short_first": False} | ckpt["args"]
+    same = ["model", "train", "extra_train", "text", *data_order,
+            *(f.name for f in fields(LMConfig) if f.name in vars(args))]
+    # checkpoints from before --prompt_seconds_min, --short_first and --extra_train drew fixed prompts in random order
+    # from --train alone
+    stored = {"prompt_seconds_min": ckpt["args"].get("prompt_seconds"), "short_first": False,
+              "extra_train": None} | ckpt["args"]
     check_same("checkpoint", args.out, stored, {k: getattr(args, k) for k in same})
     return ckpt
 
@@ -230,15 +247,19 @@ def main(argv=None):
 
     ckpt = load_resume_checkpoint(args) if args.resume else None  # before the corpora: refuse a wrong one fast
     train, val = load_corpus(args.train), load_corpus(args.val)
-    if train["codec"]["name"] != val["codec"]["name"]:
-        raise SystemExit(f"{args.train} and {args.val} come from different codecs: "
-                         f"{train['codec']['name']} vs {val['codec']['name']}")
+    base = train  # the tokenizer's texts
+    for path, corpus in [(args.val, val)] + [(p, load_corpus(p)) for p in args.extra_train or []]:
+        if corpus["codec"]["name"] != train["codec"]["name"]:
+            raise SystemExit(f"{args.train} and {path} come from different codecs: "
+                             f"{train['codec']['name']} vs {corpus['codec']['name']}")
+        if corpus is not val:
+            train = joined(train, corpus, path)
     frame_rate = train["codec"]["frame_rate"]
     if ckpt:
         tok = TextTokenizer(ckpt["tokenizer"]["symbols"], ckpt["tokenizer"]["kind"])
         cfg = LMConfig(**ckpt["config"])
     else:
-        tok = TextTokenizer.build(train["phonemes"] if args.text == "phonemes" else train["texts"], args.text)
+        tok = TextTokenizer.build(base["phonemes"] if args.text == "phonemes" else base["texts"], args.text)
         cfg = LMConfig(n_text=len(tok.symbols), card=tuple(train["codec"]["card"]), d_model=args.d_model,
                        n_layer=args.n_layer, n_head=args.n_head, dropout=args.dropout, max_text=args.max_text,
                        max_audio=args.max_audio)

@@ -706,6 +706,53 @@ def test_training_draws_prompt_lengths_and_validates_with_fixed_prompts(tmp_path
         train_codec_lm.get_args(train_argv(out, "--prompt_seconds_min", "4"))
 
 
+def test_extra_train_adds_its_utterances_keeps_the_tokenizer_and_refuses_repeated_ids(tmp_path, monkeypatch):
+    """--extra_train: the training examples are --train's and then the extra corpus's (its voices prompted by
+    their own utterances); the tokenizer is --train's alone, so a NAR trained with more voices shares the AR's ids;
+    an extra corpus repeating an id, or of another codec, is refused naming it."""
+    import train_codec_lm
+    base = load_corpus(TRAIN)
+    n = 12
+    extra = {k: base[k] for k in ("codec", "codes", "lengths")} | {
+        "ids": [f"{i}@x" for i in base["ids"]], "speakers": [f"{s}@x" for s in base["speakers"]],
+        "texts": base["texts"], "phonemes": ["D @2"] * len(base["ids"])}  # two symbols --train has
+    extra["lengths"] = base["lengths"][:n]
+    extra["codes"] = base["codes"][:, :int(base["lengths"][:n].sum())]
+    for k in ("ids", "speakers", "texts", "phonemes"):
+        extra[k] = extra[k][:n]
+    torch.save(extra, tmp_path / "extra.pt")
+    seen = []
+
+    def spy(corpus, *a, **kw):
+        ex = make_examples(corpus, *a, **kw)
+        seen.append((list(corpus["ids"]), list(corpus["speakers"]), ex))
+        return ex
+    monkeypatch.setattr(train_codec_lm, "make_examples", spy)
+    out = tmp_path / "nar.pt"
+    train_codec_lm.main(train_argv(out, "--extra_train", str(tmp_path / "extra.pt"), steps=1, model="nar"))
+    ids, speakers, ex = seen[0]  # the first epoch's training examples
+    assert ids == base["ids"] + extra["ids"]
+    utts = load_corpus(tmp_path / "extra.pt")["utts"]
+    for i in range(len(base["ids"]), len(ids)):  # an extra utterance's prompt is cut from one of its own voice's
+        prompt = ex[i][1]
+        assert any(torch.equal(prompt, u[:, :prompt.shape[1]]) for u, s in zip(utts, extra["speakers"])
+                   if s == speakers[i])
+    ckpt = torch.load(out, weights_only=True)
+    tok = TextTokenizer.build(base["phonemes"], "phonemes")
+    assert ckpt["tokenizer"]["symbols"] == tok.symbols and ckpt["args"]["extra_train"] == [str(tmp_path / "extra.pt")]
+    with pytest.raises(SystemExit, match=f"{re.escape(str(VAL))}: .* utterance ids are in the training corpus"):
+        train_codec_lm.main(train_argv(tmp_path / "b.pt", "--extra_train", str(tmp_path / "extra.pt"), str(VAL),
+                                       str(VAL), steps=1))
+    other = torch.load(tmp_path / "extra.pt", weights_only=True)
+    torch.save(other | {"phonemes": ["D zz"] * n}, tmp_path / "unknown.pt")  # a symbol --train does not have
+    with pytest.raises(ValueError, match="utterance .*@x: unknown phoneme symbol 'zz'"):
+        train_codec_lm.main(train_argv(tmp_path / "d.pt", "--extra_train", str(tmp_path / "unknown.pt"), steps=1))
+    other["codec"] = dict(other["codec"], name="another")
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match=f"and {re.escape(str(tmp_path / 'other.pt'))} come from different codecs"):
+        train_codec_lm.main(train_argv(tmp_path / "c.pt", "--extra_train", str(tmp_path / "other.pt"), steps=1))
+
+
 def test_resume_with_drawn_prompts_and_short_first_follows_the_uninterrupted_run(ar_run, tmp_path):
     """Both options over several epochs (uneven_corpus: 2 steps an epoch, so the prompts are redrawn and the
     curriculum ends): a run stopped mid-epoch and resumed reaches the uninterrupted run's losses and weights."""
@@ -743,6 +790,7 @@ def test_resume_refuses_a_missing_checkpoint_or_other_settings(ar_run, tmp_path)
                         (["--dropout", "0"], "dropout: file has 0.1, this run has 0.0"),
                         (["--seed", "3"], "seed: file has 0, this run has 3"),
                         (["--short_first"], "short_first: file has False, this run has True"),
+                        (["--extra_train", str(VAL)], f"extra_train: file has None, this run has ['{VAL}']"),
                         (["--prompt_seconds_min", "1"], "prompt_seconds_min: file has 3.0, this run has 1.0")):
         with pytest.raises(ValueError, match=f"{re.escape(str(out))}: checkpoint made with other settings "
                                              f"\\(.*{re.escape(diff)}"):

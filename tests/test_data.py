@@ -66,6 +66,34 @@ def test_tokenize_keeps_good_skips_bad_and_lists_why(tmp_path, codec_path):
     assert "skipped 4" in res.stdout
 
 
+def test_tokenize_speed_hears_each_utterance_as_a_tape_a_new_voice(tmp_path, codec_path):
+    """--speed F: the codes of the audio heard at F times its speed, which is what a file holding the same
+    samples but declaring F times the rate gives (tokenised plainly: the other route to the same tape); the
+    voice and id are marked with F, speeds cycle over the utterances, and --max_seconds reads the tape's length."""
+    a, b = voice(1.0, 150, 1).numpy(), voice(1.0, 200, 2).numpy()
+    sf.write(tmp_path / "a.wav", a, SR), sf.write(tmp_path / "b.wav", b, SR)
+    sf.write(tmp_path / "c.wav", voice(1.2, 150, 3).numpy(), SR)
+    sf.write(tmp_path / "a_tape.wav", a, SR // 2), sf.write(tmp_path / "b_tape.wav", b, SR * 5 // 4)
+    rows = [{"id": i, "audio": f"{i}.wav", "text": f"say {i}", "speaker": "s1", "phonemes": "s 'eI"}
+            for i in ["a", "b", "c", "a_tape", "b_tape"]]
+    manifest = write_manifest(tmp_path, rows)
+    res = tokenize(manifest, tmp_path / "tape.pt", codec_path, "--speed", "0.5", "1.25", "--max_seconds", "2.2",
+                   "--limit", "3")
+    assert res.returncode == 0, res.stderr
+    tape = load_corpus(tmp_path / "tape.pt")
+    assert tape["ids"] == ["a@0.5", "b@1.25"] and tape["speakers"] == ["s1@0.5", "s1@1.25"]
+    assert tape["texts"] == ["say a", "say b"] and tape["speed"] == [0.5, 1.25]
+    skipped = tape["skipped"]
+    assert [s["id"] for s in skipped] == ["c@0.5"] and "2.4 s" in skipped[0]["reason"]  # 1.2 s at half speed
+    assert tokenize(manifest, tmp_path / "plain.pt", codec_path).returncode == 0
+    plain = load_corpus(tmp_path / "plain.pt")
+    assert torch.equal(tape["utts"][0], plain["utts"][3]) and torch.equal(tape["utts"][1], plain["utts"][4])
+    assert tape["utts"][0].shape[1] == 1 + 2 * len(a) // 320  # twice as long at half speed
+    assert not torch.equal(tape["utts"][1][:, :10], plain["utts"][1][:, :10])
+    res = tokenize(manifest, tmp_path / "bad.pt", codec_path, "--speed", "3")
+    assert res.returncode != 0 and "within [0.5, 2]" in res.stderr
+
+
 TOY_CODEC = os.path.join(ROOT, "data", "toy", "codec.pt")
 
 
@@ -132,8 +160,10 @@ def test_an_interrupted_tokenisation_carries_on_and_ends_as_an_uninterrupted_one
     with pytest.raises(KeyboardInterrupt):
         run(out, CountingCodec(stop=4))
     assert sorted(p.name for p in parts.iterdir()) == ["000000000.pt", "000000003.pt"] and not out.exists()
-    with pytest.raises(SystemExit, match="000000000.pt: .*other manifest lines, another codec or --max_seconds"):
-        run(out, CountingCodec(), "--max_seconds", "5")  # another setting cannot reuse the parts
+    for other in (["--max_seconds", "5"], ["--speed", "0.9"]):  # another setting cannot reuse the parts
+        with pytest.raises(SystemExit, match="000000000.pt: .*other manifest lines, another codec, --max_seconds or "
+                                             "--speed"):
+            run(out, CountingCodec(), *other)
     resumed = CountingCodec()
     run(out, resumed)
     assert resumed.calls == 3  # g3, g4, g5: nothing finished before is encoded again

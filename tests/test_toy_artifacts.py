@@ -71,8 +71,8 @@ def test_sft_checkpoints_load_and_agree(codec):
 
 
 # every training argument shapes the weights but these: paths, logging, snapshots, resuming, and threads (they
-# change the last bits of a float sum, not the recipe); precision is compared on its own below
-NOT_RECIPE = {"out", "train", "val", "eval_every", "eval_utts", "ckpt_every", "snapshot_every", "threads", "resume",
+# change the last bits of a float sum, not the recipe); precision and extra corpora are compared on their own below
+NOT_RECIPE = {"out", "train", "extra_train", "val", "eval_every", "eval_utts", "ckpt_every", "snapshot_every", "threads", "resume",
               "export", "stop_after", "precision"}
 RECIPE = [f.name for f in fields(TrainArgs) if f.name not in NOT_RECIPE]
 
@@ -88,3 +88,5 @@ def test_sft_checkpoints_come_from_the_toy_preset(model):
     assert {k: ck["args"][k] for k in RECIPE} == {k: getattr(preset, k) for k in RECIPE}
     # the preset's "auto" precision is fp32 on a CPU, where the shipped models were trained
     assert ck["args"]["precision"] == {"auto": "fp32"}.get(preset.precision, preset.precision)
+    # reproduce.from_scratch trains both models on the training split alone (no --extra_train)
+    assert ck["args"].get("extra_train") is None
