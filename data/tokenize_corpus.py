@@ -15,7 +15,7 @@ the folder is removed once OUT is written.
 speed F = speed[i % len(speed)] (pitch and formants scale by F, duration by 1/F), as the voice "SPEAKER@F" with the id
 "ID@F". (data/fit_toy_codec.py's --tape does the same for the codec's fitting.)
 
-    python data/tokenize_corpus.py data/toy_corpus/train.jsonl data/toy/train_tape.pt --codec data/toy/codec.pt \
+    python data/tokenize_corpus.py data/toy_corpus/train.jsonl runs/toy/data/train_tape.pt --codec data/toy/codec.pt \
         --speed 0.82 0.9 1.1 1.2
 """
 import argparse
