@@ -247,13 +247,14 @@ def main(argv=None):
 
     ckpt = load_resume_checkpoint(args) if args.resume else None  # before the corpora: refuse a wrong one fast
     train, val = load_corpus(args.train), load_corpus(args.val)
-    base = train  # the tokenizer's texts
-    for path, corpus in [(args.val, val)] + [(p, load_corpus(p)) for p in args.extra_train or []]:
+    extras = [(path, load_corpus(path)) for path in args.extra_train or []]
+    for path, corpus in [(args.val, val), *extras]:
         if corpus["codec"]["name"] != train["codec"]["name"]:
             raise SystemExit(f"{args.train} and {path} come from different codecs: "
                              f"{train['codec']['name']} vs {corpus['codec']['name']}")
-        if corpus is not val:
-            train = joined(train, corpus, path)
+    base = train  # the tokenizer's texts
+    for path, corpus in extras:
+        train = joined(train, corpus, path)
     frame_rate = train["codec"]["frame_rate"]
     if ckpt:
         tok = TextTokenizer(ckpt["tokenizer"]["symbols"], ckpt["tokenizer"]["kind"])

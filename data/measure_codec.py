@@ -64,6 +64,13 @@ def main():
             emb_cache[row["id"]] = speaker_embedding(enc, *original(row))
         return emb_cache[row["id"]]
 
+    f0_cache = {}
+
+    def pitch(row):  # a prompt serves several utterances: its Griffin-Lim decoding is done once
+        if row["id"] not in f0_cache:
+            f0_cache[row["id"]] = codec.prompt_f0(codec.encode(*original(row)))
+        return f0_cache[row["id"]]
+
     systems = ["original", "mel"] + [f"codec_{q}" for q in layers]
     hyps = {s: [] for s in systems}
     sims = {s: [] for s in systems}
@@ -74,7 +81,7 @@ def main():
         wav, sr = original(row)
         codes = codec.encode(wav, sr)
         # the pitch the decoder speaks at comes from the prompt's codes, not from this utterance: as in evaluation
-        f0 = codec.prompt_f0(codec.encode(*original(prompt))) if vocoder == "source_filter" else None
+        f0 = pitch(prompt) if vocoder == "source_filter" else None
         item = {"id": row["id"], "prompt": prompt["id"], "f0": f0}
         for s in systems:
             if s == "original":
