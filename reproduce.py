@@ -39,6 +39,9 @@ PRESETS = {
         val="dev_seen",  # pretraining's validation split
         codec=["--envelope", "24", "--tape", "0.82", "0.9", "1.1", "1.2"],  # + --extra the codec_fit split
         subset=["--limit", "3000"],
+        # the NAR also learns from more voices than the six: the training audio heard as tapes at these speeds
+        # (data/tokenize_corpus.py --speed) and the codec_fit split's espeak-ng voices (data/README.md)
+        voices=["--speed", "0.82", "0.9", "1.1", "1.2"],
         ar=["--d_model", "256", "--n_layer", "4", "--n_head", "4", "--steps", "5000", "--warmup", "300",
             "--eval_every", "500", "--snapshot_every", "500", "--prompt_seconds_min", "1", "--short_first"],
         nar=["--d_model", "256", "--n_layer", "4", "--n_head", "4", "--steps", "3000", "--warmup", "300",
@@ -51,9 +54,10 @@ PRESETS = {
         val="full",  # its 180 training utterances do not hold every phoneme of the dev sentences
         corpus=["--train_per_speaker", "30", "--test_per_speaker", "2", "--unseen_per_speaker", "2",
                 "--dev_per_speaker", "1", "--dev_unseen_per_speaker", "1", "--dev_oog", "6",
-                "--codec_fit_per_voice", "1"],
+                "--codec_fit_per_voice", "2"],  # two: a voice the NAR trains on needs another utterance to prompt
         codec=["--card", "64", "16", "16", "16", "16", "16", "16", "16", "--eval_utts", "4"],
         subset=["--limit", "18"],
+        voices=["--speed", "0.82", "0.9", "1.1", "1.2"],
         ar=["--d_model", "32", "--n_layer", "1", "--n_head", "2", "--steps", "4", "--warmup", "1", "--batch_size", "4",
             "--eval_every", "1000", "--eval_utts", "4"],
         nar=["--d_model", "32", "--n_layer", "1", "--n_head", "2", "--steps", "4", "--warmup", "1", "--batch_size", "4",
@@ -103,7 +107,8 @@ def from_scratch(out, p, timings):
     os.makedirs(data, exist_ok=True)
     splits = ("dev_seen", "dev_unseen", "dev_oog", "test_seen", "test_unseen")
     files = dict(codec=os.path.join(data, "codec.pt"), train=os.path.join(data, "train_subset.pt"),
-                 full=os.path.join(data, "train.pt"), **{s: os.path.join(data, f"{s}.pt") for s in splits},
+                 full=os.path.join(data, "train.pt"), tape=os.path.join(data, "train_tape.pt"),
+                 codec_fit=os.path.join(data, "codec_fit.pt"), **{s: os.path.join(data, f"{s}.pt") for s in splits},
                  ar=os.path.join(out, "sft", "sft_ar.pt"), nar=os.path.join(out, "sft", "sft_nar.pt"))
     tasks = []
     if not os.path.exists(os.path.join(corpus, "test_unseen.jsonl")):  # written last
@@ -113,7 +118,8 @@ def from_scratch(out, p, timings):
                                 "--extra", os.path.join(corpus, "codec_fit.jsonl"), *p["codec"]],
                       [t[0] for t in tasks]))
     made = [t[0] for t in tasks]
-    for key, split, extra in (("full", "train", []), *((s, s, []) for s in splits), ("train", "train", p["subset"])):
+    for key, split, extra in (("full", "train", []), *((s, s, []) for s in splits), ("train", "train", p["subset"]),
+                              ("tape", "train", p["voices"]), ("codec_fit", "codec_fit", [])):
         if not os.path.exists(files[key]):
             tasks.append((f"tokenise {key}", ["data/tokenize_corpus.py", os.path.join(corpus, f"{split}.jsonl"),
                                               files[key], "--codec", files["codec"], *extra], made))
@@ -123,6 +129,7 @@ def from_scratch(out, p, timings):
             os.makedirs(os.path.dirname(ckpt), exist_ok=True)
             cmd = ["train_codec_lm.py", "--model", model, "--out", ckpt, "--train", files["full"], "--val",
                    files[p["val"]], "--export", files[model], *p[model]]
+            cmd += ["--extra_train", files["tape"], files["codec_fit"]] if model == "nar" else []
             cmd += ["--resume"] if os.path.exists(ckpt) else []
             tasks.append((f"pretrain {model}", cmd, [t[0] for t in tasks if t[0].startswith("tokenise")]))
     schedule(tasks, timings)

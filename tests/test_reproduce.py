@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from reproduce import claims
+from codec import load_corpus
+from reproduce import PRESETS, claims
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
@@ -71,6 +73,12 @@ def test_smoke_preset_from_scratch(tmp_path):
     report = json.loads((out / "eval" / "report.json").read_text())
     assert report["systems"]["sft"]["checkpoint"] == f"{out}/sft/sft_ar.pt"
     assert report["codec"] != json.loads((REPO / "data/toy/codec.layout.json").read_text())["codec"]
+    # the NAR also trained on the tape voices and the codec_fit voices; the AR on the training split alone
+    data = out / "data"
+    extra = {m: torch.load(out / "sft" / f"sft_{m}.pt", weights_only=True)["args"]["extra_train"] for m in ("ar", "nar")}
+    assert extra == {"ar": None, "nar": [str(data / "train_tape.pt"), str(data / "codec_fit.pt")]}
+    speeds = PRESETS["smoke"]["voices"][1:]  # after "--speed"
+    assert {s.split("@")[1] for s in load_corpus(data / "train_tape.pt")["speakers"]} == set(speeds)
 
 
 def test_the_rounds_are_those_the_preset_asks_speechalign_for(tmp_path, monkeypatch, capsys):
