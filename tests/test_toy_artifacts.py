@@ -88,5 +88,7 @@ def test_sft_checkpoints_come_from_the_toy_preset(model):
     assert {k: ck["args"][k] for k in RECIPE} == {k: getattr(preset, k) for k in RECIPE}
     # the preset's "auto" precision is fp32 on a CPU, where the shipped models were trained
     assert ck["args"]["precision"] == {"auto": "fp32"}.get(preset.precision, preset.precision)
-    # reproduce.from_scratch trains both models on the training split alone (no --extra_train)
-    assert ck["args"].get("extra_train") is None
+    # reproduce.from_scratch trains the AR on the training split alone and the NAR also on two more corpora of the
+    # same codec: the training audio heard as tapes and the codec_fit split's voices (--extra_train)
+    extra = [os.path.basename(f) for f in ck["args"].get("extra_train") or []]
+    assert extra == ({"ar": [], "nar": ["train_tape.pt", "codec_fit.pt"]}[model])
