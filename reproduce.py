@@ -30,6 +30,9 @@ PY = sys.executable
 # 2x faster than fp32); on other CPUs bf16 is emulated and many times slower than fp32 (data/README.md).
 PRECISION = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
+# The tape speeds that make new voices from the training audio: for the toy codec's fitting (fit_toy_codec --tape)
+# and for the NAR's extra corpus (tokenize_corpus --speed)
+TAPE = ["0.82", "0.9", "1.1", "1.2"]
 # What differs between the presets; everything else is each script's default (AlignArgs: the toy recipe).
 PRESETS = {
     "toy": dict(
@@ -37,11 +40,11 @@ PRESETS = {
         eval=["--n_seen", "200", "--n_unseen", "100"],
         corpus=[],
         val="dev_seen",  # pretraining's validation split
-        codec=["--envelope", "24", "--tape", "0.82", "0.9", "1.1", "1.2"],  # + --extra the codec_fit split
+        codec=["--envelope", "24", "--tape", *TAPE],  # + --extra the codec_fit split
         subset=["--limit", "3000"],
         # the NAR also learns from more voices than the six: the training audio heard as tapes at these speeds
         # (data/tokenize_corpus.py --speed) and the codec_fit split's espeak-ng voices (data/README.md)
-        voices=["--speed", "0.82", "0.9", "1.1", "1.2"],
+        voices=["--speed", *TAPE],
         ar=["--d_model", "256", "--n_layer", "4", "--n_head", "4", "--steps", "5000", "--warmup", "300",
             "--eval_every", "500", "--snapshot_every", "500", "--prompt_seconds_min", "1", "--short_first"],
         nar=["--d_model", "256", "--n_layer", "4", "--n_head", "4", "--steps", "3000", "--warmup", "300",
@@ -57,7 +60,7 @@ PRESETS = {
                 "--codec_fit_per_voice", "2"],  # two: a voice the NAR trains on needs another utterance to prompt
         codec=["--card", "64", "16", "16", "16", "16", "16", "16", "16", "--eval_utts", "4"],
         subset=["--limit", "18"],
-        voices=["--speed", "0.82", "0.9", "1.1", "1.2"],
+        voices=["--speed", *TAPE],
         ar=["--d_model", "32", "--n_layer", "1", "--n_head", "2", "--steps", "4", "--warmup", "1", "--batch_size", "4",
             "--eval_every", "1000", "--eval_utts", "4"],
         nar=["--d_model", "32", "--n_layer", "1", "--n_head", "2", "--steps", "4", "--warmup", "1", "--batch_size", "4",
