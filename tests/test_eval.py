@@ -582,7 +582,8 @@ def test_source_filter_decodes_each_utterance_at_its_prompts_pitch_under_keys_of
         assert codec.pitches.count((tuple(golden[0].tolist()), f0)) >= 2
     assert len(codec.pitches) == 6 * 5 + 5 + 5 * 6  # judged (prompts + 4 systems), one sample each, the page
     import eval as ev
-    encodec_like = SimpleNamespace(name=codec.name, card=codec.card, tables=codec.tables, decode=codec.decode)
+    encodec_like = SimpleNamespace(name=codec.name, card=codec.card, frame_rate=codec.frame_rate, tables=codec.tables,
+                                   decode=codec.decode)
     monkeypatch.setattr(ev, "load_codec", lambda spec, device="cpu": encodec_like)  # no log-mel, no prompt_f0
     with pytest.raises(SystemExit, match="--vocoder source_filter decodes the toy codec's log-mels"):
         fake_eval(tiny, tmp_path / "encodec", "--vocoder", "source_filter")
