@@ -227,9 +227,9 @@ def summarize(results, prompts, refs, ids, splits, golden_l1, card, frame_rate, 
 
     Errors are counted here, from the transcripts, with today's normalize_text, each transcript bounded by the
     length of its audio (metrics.bound_words: an AR's sample lasts as long as its layer 1, every other system's as
-    long as golden layer 1). An utterance without a transcript
-    (it did not decode, or the ASR failed) counts as all deletions; one without a SIM (its or its prompt's speaker
-    embedding failed) is left out of the SIM means, and counted. Both are listed per system (`unscored`)."""
+    long as golden layer 1). An utterance without a transcript (it did not decode, or the ASR failed) counts as all
+    deletions; one without a SIM (its or its prompt's speaker embedding failed) is left out of the SIM means, and
+    counted. Both are listed per system (`unscored`)."""
     words = np.array([len(normalize_text(r).split()) for r in refs])
     boot = dict(n_boot=n_boot, seed=seed)
     S, errors, sims, hits = {}, {}, {}, {}
