@@ -42,9 +42,6 @@ PRESETS = {
         val="dev_seen",  # pretraining's validation split
         codec=["--envelope", "24", "--tape", *TAPE],  # + --extra the codec_fit split
         subset=["--limit", "3000"],
-        # the NAR also learns from more voices than the six: the training audio heard as tapes at these speeds
-        # (data/tokenize_corpus.py --speed) and the codec_fit split's espeak-ng voices (data/README.md)
-        voices=["--speed", *TAPE],
         ar=["--d_model", "256", "--n_layer", "4", "--n_head", "4", "--steps", "5000", "--warmup", "300",
             "--eval_every", "500", "--snapshot_every", "500", "--prompt_seconds_min", "1", "--short_first"],
         nar=["--d_model", "256", "--n_layer", "4", "--n_head", "4", "--steps", "3000", "--warmup", "300",
@@ -60,7 +57,6 @@ PRESETS = {
                 "--codec_fit_per_voice", "2"],  # two: a voice the NAR trains on needs another utterance to prompt
         codec=["--card", "64", "16", "16", "16", "16", "16", "16", "16", "--eval_utts", "4"],
         subset=["--limit", "18"],
-        voices=["--speed", *TAPE],
         ar=["--d_model", "32", "--n_layer", "1", "--n_head", "2", "--steps", "4", "--warmup", "1", "--batch_size", "4",
             "--eval_every", "1000", "--eval_utts", "4"],
         nar=["--d_model", "32", "--n_layer", "1", "--n_head", "2", "--steps", "4", "--warmup", "1", "--batch_size", "4",
@@ -121,8 +117,10 @@ def from_scratch(out, p, timings):
                                 "--extra", os.path.join(corpus, "codec_fit.jsonl"), *p["codec"]],
                       [t[0] for t in tasks]))
     made = [t[0] for t in tasks]
+    # the NAR also learns from more voices than the six: the training audio heard as tapes at the TAPE speeds
+    # (data/tokenize_corpus.py --speed) and the codec_fit split's espeak-ng voices (data/README.md)
     for key, split, extra in (("full", "train", []), *((s, s, []) for s in splits), ("train", "train", p["subset"]),
-                              ("tape", "train", p["voices"]), ("codec_fit", "codec_fit", [])):
+                              ("tape", "train", ["--speed", *TAPE]), ("codec_fit", "codec_fit", [])):
         if not os.path.exists(files[key]):
             tasks.append((f"tokenise {key}", ["data/tokenize_corpus.py", os.path.join(corpus, f"{split}.jsonl"),
                                               files[key], "--codec", files["codec"], *extra], made))
